@@ -1,0 +1,44 @@
+# Two commands on a fresh machine:
+#   make demo   set up, then train/test/export the built-in low-light config and write the leaderboard
+#   make test   set up, then run the test suite
+# Set-up is idempotent: it reinstalls only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/low_light/iagc_builtin.yaml
+RUN_DIR ?= runs/low_light/iagc_builtin
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@# open3d's import needs libusb; install it from Debian when it is missing (needs root or sudo).
+	@if ! ldconfig -p 2>/dev/null | grep -q libusb-1.0.so.0; then \
+		echo "installing libusb-1.0-0 (needed by open3d)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q libusb-1.0-0 >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q libusb-1.0-0 >/dev/null; } || \
+		echo "warning: could not install libusb-1.0-0; open3d will not import"; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# The exact torch pair first: a bare torch requirement could pull a different multi-GB build.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -c "import torch, pytorch_lightning, timm, open3d, onnxruntime, albumentations; print('set-up complete: torch', torch.__version__)"
+	touch $@
+
+demo: setup
+	$(PY) lightning_app.py fit --config $(CONFIG) --ckpt_path last
+	$(PY) lightning_app.py test --config $(CONFIG) --ckpt_path best
+	$(PY) lightning_app.py export --config $(CONFIG) --ckpt_path best
+	$(PY) lightning_app.py leaderboard --runs $(RUN_DIR) --output runs/leaderboard
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs

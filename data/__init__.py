@@ -1,0 +1,34 @@
+"""Datamodules: one module per dataset *format*, plus the built-in default generators.
+
+Batches are dicts with fixed keys. Shapes (B = batch, C = channels, T = frames, N = points):
+
+=================  ============================  =============================================
+key                shape / type                  meaning
+=================  ============================  =============================================
+``image``          (B, C, H, W) float in [0, 1]  network input (for low light: the dark image)
+``target``         (B, C, H, W) float in [0, 1]  image-to-image reference (the well-lit image)
+``mask``           (B, H, W) int64               per-pixel class index
+``label``          (B,) int64                    per-image class index
+``video``          (B, T, C, H, W) float         a clip
+``domain``         (B,) int64                    0 = source, 1 = target (domain adaptation)
+``coord``          (N, 3) float                  point coordinates, clouds concatenated
+``feat``           (N, C) float                  point features
+``offset``         (B,) int64                    cumulative point counts: cloud b ends at offset[b]
+``segment``        (N,) int64                    per-point class index
+``src``, ``tgt``   (N, 3) float                  registration source / target clouds
+``correspondences`` (B, K, 2) int64              index pairs into src / tgt
+``transform``      (B, 4, 4) float               rigid transform taking src onto tgt
+``name``           list[str]                     file name of each sample (for writing outputs)
+=================  ============================  =============================================
+"""
+
+import os
+
+# albumentations asks PyPI for updates on import; this suite never reaches the network at run time.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from data.base import BaseDataModule  # noqa: E402
+from data.errors import DatasetError  # noqa: E402
+from data.lol import LowLightDataModule  # noqa: E402
+
+__all__ = ["BaseDataModule", "DatasetError", "LowLightDataModule"]

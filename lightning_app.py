@@ -1,0 +1,211 @@
+"""The suite's command line: Lightning's fit / validate / test / predict, plus export and leaderboard.
+
+    python lightning_app.py fit --config configs/low_light/iagc_builtin.yaml
+    python lightning_app.py fit --config configs/low_light/iagc_builtin.yaml --ckpt_path last   # resume
+    python lightning_app.py test --config configs/low_light/iagc_builtin.yaml --ckpt_path best
+    python lightning_app.py predict --config ... --ckpt_path best --data.predict_dir photos/ --data.predict_output_dir out/
+    python lightning_app.py export --config ... --ckpt_path best [--output model.onnx]
+    python lightning_app.py leaderboard --runs runs/low_light/iagc_builtin [more runs] --output runs/leaderboard
+
+Any task (a ``tasks.BaseTask`` subclass) and datamodule (a ``data.BaseDataModule`` subclass)
+can be chosen in the config; importing ``tasks`` and ``data`` makes them selectable by class name.
+Every run keeps its checkpoints in ``<trainer.default_root_dir>/checkpoints``: ``last.ckpt``, the
+best by the task's monitored metric, and ``interrupted.ckpt`` when a fit is stopped (SIGTERM or
+Ctrl-C), so ``--ckpt_path last`` resumes where it stopped and ``--ckpt_path best`` finds the best.
+Bad input ends with one line naming the file and the problem, and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no update check over the network
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning 2.6 + jsonargparse>=4.49 noise
+
+import pytorch_lightning as pl  # noqa: E402
+from jsonargparse import ArgumentError  # noqa: E402
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint  # noqa: E402
+from pytorch_lightning.cli import LightningCLI  # noqa: E402
+from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
+
+import data  # noqa: E402,F401  (registers the datamodules)
+import tasks  # noqa: E402,F401  (registers the tasks)
+from data.base import BaseDataModule  # noqa: E402
+from data.errors import DatasetError  # noqa: E402
+from tasks.base import BaseTask  # noqa: E402
+from tasks.checkpoints import CheckpointError, find_best_checkpoint, load_checkpoint  # noqa: E402
+from tasks.export import ExportError, export_onnx  # noqa: E402
+
+
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip")  # advertisements for cloud services
+)
+
+
+class RunError(Exception):
+    """A command that would overwrite or misuse a run directory."""
+
+
+USER_ERRORS = (DatasetError, CheckpointError, ExportError, RunError, ArgumentError)
+
+
+class InterruptCheckpoint(OnExceptionCheckpoint):
+    """Saves ``interrupted.ckpt`` when a fit is stopped by SIGTERM or Ctrl-C after some training.
+
+    Other exceptions (a broken dataset file, a bug) save nothing: resuming from them would only
+    repeat the failure.
+    """
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.global_step > 0:
+            super().on_exception(trainer, pl_module, exception)
+
+
+class SuiteTrainer(pl.Trainer):
+    """Lightning's Trainer plus the ``export`` subcommand."""
+
+    def export(
+        self,
+        model: pl.LightningModule,
+        datamodule: Optional[pl.LightningDataModule] = None,
+        ckpt_path: Optional[str] = None,
+        output: Optional[str] = None,
+        opset: int = 20,
+    ) -> Path:
+        """Export the task's inference graph to ONNX and check it against PyTorch in onnxruntime.
+
+        Args:
+            model: the task (from the config).
+            datamodule: unused; accepted so that one config serves every subcommand.
+            ckpt_path: checkpoint whose weights are exported (``best``/``last`` look in the run).
+            output: the ``.onnx`` file; defaults to ``<default_root_dir>/<task>.onnx``.
+            opset: ONNX opset (18 or later).
+        """
+        if ckpt_path is None:
+            print("export: no --ckpt_path given, exporting untrained weights", file=sys.stderr)
+        else:
+            model.load_state_dict(load_checkpoint(ckpt_path)["state_dict"])
+        path = Path(output) if output else Path(self.default_root_dir) / f"{model.task_name}.onnx"
+        max_diff = export_onnx(model, path, opset=opset)
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(model.input_names, model.check_input()))
+        print(f"exported {path}; onnxruntime vs PyTorch at {shapes}: max |difference| = {max_diff:.3g} "
+              f"(tolerance {model.export_atol:g})")
+        return path
+
+
+class SuiteCLI(LightningCLI):
+    """LightningCLI over ``BaseTask`` and ``BaseDataModule`` with the suite's run conventions."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path") == "best" and subcommand != "fit":
+            # Lightning knows "best" only within the process that trained; find it in the run folder.
+            self.config[subcommand].ckpt_path = str(find_best_checkpoint(self._run_dir(self.config[subcommand])))
+
+    @staticmethod
+    def _run_dir(config) -> Path:
+        return Path(config.trainer.default_root_dir or "runs/default")
+
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        """Add the run's checkpoint callbacks unless the config brings its own ModelCheckpoint."""
+        config = self._get(self.config_init, "trainer", default={})
+        run_dir = Path(config.get("default_root_dir") or "runs/default")
+        kwargs.setdefault("default_root_dir", str(run_dir))
+        configured = config.get("callbacks") or []
+        if not any(isinstance(c, ModelCheckpoint) for c in configured) and config.get("enable_checkpointing") is not False:
+            folder = str(run_dir / "checkpoints")
+            extra = [
+                ModelCheckpoint(
+                    dirpath=folder,
+                    filename="best-epoch{epoch:03d}-step{step}",
+                    auto_insert_metric_name=False,
+                    monitor=self.model.monitor,
+                    mode=self.model.mode,
+                    save_last=True,
+                ),
+                InterruptCheckpoint(dirpath=folder, filename="interrupted"),
+            ]
+            if config.get("logger") is not False:
+                extra.append(LearningRateMonitor(logging_interval="step"))
+            kwargs["callbacks"] = list(configured) + extra
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Refuse to start afresh over an earlier run's checkpoints (they would be overwritten)."""
+        if self.config.fit.get("ckpt_path") is None:
+            folder = Path(self.trainer.default_root_dir) / "checkpoints"
+            if folder.is_dir() and any(folder.glob("*.ckpt")):
+                raise RunError(
+                    f"{folder}: holds checkpoints of an earlier run; resume with --ckpt_path last, "
+                    "or start afresh with another --trainer.default_root_dir"
+                )
+
+
+def leaderboard(argv: list[str]) -> None:
+    """``leaderboard --runs RUN [RUN ...] --output DIR``: score runs and baselines, write tables."""
+    from tasks.leaderboard import run_leaderboard
+
+    parser = argparse.ArgumentParser(
+        prog="lightning_app.py leaderboard",
+        description="Evaluate runs (run folders or .ckpt files) and classical baselines on their test split.",
+    )
+    parser.add_argument("--runs", nargs="+", required=True, help="run folders (trainer.default_root_dir) or .ckpt files")
+    parser.add_argument("--output", default="runs/leaderboard", help="folder for <task>.md/.csv/.json and leaderboard.md")
+    args = parser.parse_args(argv)
+    written = run_leaderboard(args.runs, args.output)
+    print((Path(args.output) / "leaderboard.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an error as a single line (a DataLoader worker wraps it in a traceback)."""
+    text = str(error).strip()
+    if "Problem with given class_path" in text:  # jsonargparse lists every union member; keep ours
+        text = "Problem with given class_path" + text.split("Problem with given class_path", 1)[1].split(" - Expected a <class 'NoneType'>")[0]
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the original message
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
+def main(args: Optional[list[str]] = None) -> int:
+    """Run the CLI; returns the exit status (0 on success)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        if argv and argv[0] == "leaderboard":
+            leaderboard(argv[1:])
+        else:
+            SuiteCLI(
+                BaseTask,
+                BaseDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                trainer_class=SuiteTrainer,
+                seed_everything_default=0,
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+                parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in SuiteCLI.subcommands()}},
+                args=None if args is None else argv,
+            )
+    except USER_ERRORS as error:
+        if os.environ.get("GLOCAL_TRACEBACK"):
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
