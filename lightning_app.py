@@ -143,10 +143,16 @@ class SuiteCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
-        """Refuse to start afresh over an earlier run's checkpoints (they would be overwritten)."""
-        if self.config.fit.get("ckpt_path") is None:
-            folder = Path(self.trainer.default_root_dir) / "checkpoints"
-            if folder.is_dir() and any(folder.glob("*.ckpt")):
+        """Refuse to start afresh over an earlier run's checkpoints (they would be overwritten);
+        ``--ckpt_path last`` in a folder with no checkpoint yet starts a new run, so one command
+        both starts and resumes."""
+        folder = Path(self.trainer.default_root_dir) / "checkpoints"
+        has_checkpoints = folder.is_dir() and any(folder.glob("*.ckpt"))
+        if self.config.fit.get("ckpt_path") == "last" and not has_checkpoints:
+            print(f"no checkpoint in {folder} yet: starting a new run", file=sys.stderr)
+            self.config_init.fit.ckpt_path = None
+        elif self.config.fit.get("ckpt_path") is None:
+            if has_checkpoints:
                 raise RunError(
                     f"{folder}: holds checkpoints of an earlier run; resume with --ckpt_path last, "
                     "or start afresh with another --trainer.default_root_dir"
