@@ -71,6 +71,9 @@ class BaseDataModule(pl.LightningDataModule):
 
     #: short dataset name for the leaderboard; subclasses set it once the root is resolved
     dataset_name: str = "unknown"
+    #: how samples become a batch; point clouds replace it with offset batching (no padding).
+    #: A plain function (a staticmethod), so loader workers never pickle the datamodule.
+    collate_fn: Optional[Callable[[list], Any]] = None
 
     def __init__(
         self,
@@ -119,6 +122,7 @@ class BaseDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(self.datasets[split]) > batch_size,
+            collate_fn=type(self).collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
