@@ -155,13 +155,16 @@ class BaseTask(pl.LightningModule, ABC):
     def save_image(self, tag: str, image: torch.Tensor) -> None:
         """Send ``image`` (3, H, W in [0, 1]) to TensorBoard if it is the logger, and always write
         a PNG under ``<log_dir>/examples/`` so it can be opened without TensorBoard."""
-        if self.trainer is None or self.trainer.log_dir is None or not self.trainer.is_global_zero:
+        # Only rank 0 writes. ``trainer.log_dir`` is a collective call under DDP (it broadcasts),
+        # so it must not be reached from one rank alone: ask the logger directly.
+        if self._trainer is None or not self.trainer.is_global_zero:
             return
+        log_dir = getattr(self.logger, "log_dir", None) or self.trainer.default_root_dir
         image = image.detach().float().clamp(0, 1).cpu()
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
             experiment.add_image(tag, image, self.global_step)
-        folder = Path(self.trainer.log_dir) / "examples"
+        folder = Path(log_dir) / "examples"
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (image * 255).round().byte().permute(1, 2, 0).numpy()
         Image.fromarray(pixels).save(folder / f"{tag}_epoch{self.current_epoch:03d}.png")
