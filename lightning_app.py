@@ -44,6 +44,10 @@ from tasks.export import ExportError, export_onnx  # noqa: E402
 
 
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+# With an OnExceptionCheckpoint, Lightning treats a fresh ``fit`` as ``ckpt_path="last"`` and warns
+# about it; SuiteCLI.before_fit decides between starting and resuming and says so itself.
+warnings.filterwarnings("ignore", message=r".*fit\(ckpt_path=None\)` was called without a model")
+warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip")  # advertisements for cloud services
 )
