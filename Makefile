@@ -1,13 +1,12 @@
 # Two commands on a fresh machine:
-#   make demo   set up, then train/test/export the built-in low-light config and write the leaderboard
+#   make demo   set up, then fit/test/export every built-in config and write the leaderboard
+#               (make demo TASKS="low_light scene_classification" runs a subset)
 #   make test   set up, then run the test suite
 # Set-up is idempotent: it reinstalls only when pyproject.toml changes.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/low_light/iagc_builtin.yaml
-RUN_DIR ?= runs/low_light/iagc_builtin
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: setup demo test clean
@@ -32,10 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) lightning_app.py fit --config $(CONFIG) --ckpt_path last
-	$(PY) lightning_app.py test --config $(CONFIG) --ckpt_path best
-	$(PY) lightning_app.py export --config $(CONFIG) --ckpt_path best
-	$(PY) lightning_app.py leaderboard --runs $(RUN_DIR) --output runs/leaderboard
+	$(PY) lightning_app.py demo $(if $(TASKS),--tasks $(TASKS))
 
 test: setup
 	$(PY) -m pytest

@@ -6,6 +6,7 @@
     python lightning_app.py predict --config ... --ckpt_path best --data.predict_dir photos/ --data.predict_output_dir out/
     python lightning_app.py export --config ... --ckpt_path best [--output model.onnx]
     python lightning_app.py leaderboard --runs runs/low_light/iagc_builtin [more runs] --output runs/leaderboard
+    python lightning_app.py demo [--tasks low_light ...]   # every built-in config: fit, test, export, leaderboard
 
 Any task (a ``tasks.BaseTask`` subclass) and datamodule (a ``data.BaseDataModule`` subclass)
 can be chosen in the config; importing ``tasks`` and ``data`` makes them selectable by class name.
@@ -40,6 +41,7 @@ from data.base import BaseDataModule  # noqa: E402
 from data.errors import DatasetError  # noqa: E402
 from tasks.base import BaseTask  # noqa: E402
 from tasks.checkpoints import CheckpointError, find_best_checkpoint, load_checkpoint  # noqa: E402
+from tasks.demo import DemoError, run_demo  # noqa: E402
 from tasks.export import ExportError, export_onnx  # noqa: E402
 
 
@@ -179,6 +181,18 @@ def leaderboard(argv: list[str]) -> None:
     print("wrote " + ", ".join(str(p) for p in written))
 
 
+def demo(argv: list[str]) -> None:
+    """``demo [--tasks TASK ...] [--output DIR]``: every built-in config end to end, then the leaderboard."""
+    parser = argparse.ArgumentParser(
+        prog="lightning_app.py demo",
+        description="Fit, test and export each configs/<task>/*_builtin.yaml, then write the leaderboard.",
+    )
+    parser.add_argument("--tasks", nargs="+", help="task folders under configs/ to run (default: all)")
+    parser.add_argument("--output", default="runs/leaderboard", help="folder for the leaderboard and its report")
+    args = parser.parse_args(argv)
+    run_demo(args.tasks, args.output)
+
+
 def one_line(error: BaseException) -> str:
     """The message of an error as a single line (a DataLoader worker wraps it in a traceback)."""
     text = str(error).strip()
@@ -196,6 +210,8 @@ def main(args: Optional[list[str]] = None) -> int:
     try:
         if argv and argv[0] == "leaderboard":
             leaderboard(argv[1:])
+        elif argv and argv[0] == "demo":
+            demo(argv[1:])
         else:
             SuiteCLI(
                 BaseTask,
@@ -209,6 +225,9 @@ def main(args: Optional[list[str]] = None) -> int:
                 parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in SuiteCLI.subcommands()}},
                 args=None if args is None else argv,
             )
+    except DemoError as error:  # names the failed step's log and shows its last lines
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except USER_ERRORS as error:
         if os.environ.get("GLOCAL_TRACEBACK"):
             raise
