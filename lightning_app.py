@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -63,13 +64,54 @@ USER_ERRORS = (DatasetError, CheckpointError, ExportError, RunError, ArgumentErr
 
 
 class InterruptCheckpoint(OnExceptionCheckpoint):
-    """Saves ``interrupted.ckpt`` when a fit is stopped by SIGTERM or Ctrl-C after some training.
+    """Stops a fit cleanly on SIGTERM or Ctrl-C and saves ``interrupted.ckpt``.
 
-    Other exceptions (a broken dataset file, a bug) save nothing: resuming from them would only
-    repeat the failure.
+    Lightning's own handler may stop anywhere, mid-validation included, and a checkpoint taken
+    there can resume with an epoch missing. So the signal only sets a flag; the fit stops (all
+    ranks together) at the end of the next training batch, or at the end of the epoch when that
+    batch was its last: the two places Lightning resumes from exactly. A second Ctrl-C stops at
+    once. Other exceptions (a broken
+    dataset file, a bug) save nothing: resuming from them would only repeat the failure.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._stop_requested = False
+        self._previous_handlers: dict[int, object] = {}
+
+    def _request_stop(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print(f"received {signal.Signals(signum).name}: stopping after this training batch", file=sys.stderr)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_requested = False
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _stop_now(self, trainer: pl.Trainer) -> bool:
+        return trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        # At an epoch's last batch Lightning cannot resume exactly; stop at the epoch's end instead.
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and self._stop_now(trainer):
+            raise SIGTERMException
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stop_now(trainer):
+            trainer._signal_connector.received_sigterm = True  # Lightning stops once the epoch is complete
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handlers()
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.global_step > 0:
             super().on_exception(trainer, pl_module, exception)
 
