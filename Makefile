@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 
 setup: $(VENV)/.installed
 
@@ -33,7 +33,17 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) lightning_app.py demo $(if $(TASKS),--tasks $(TASKS))
 
-test: setup
+# The report test opens the HTML leaderboard in headless Chromium (Debian's package).
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then \
+		echo "installing chromium (the HTML report test opens the page in it)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; } || \
+		echo "warning: could not install chromium; the report test will fail"; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest
 
 clean:

@@ -148,9 +148,12 @@ class BaseTask(pl.LightningModule, ABC):
     def _flush_examples(self, tag: str) -> None:
         panels, self._example_panels = getattr(self, "_example_panels", []), []
         if panels:
-            width = max(p.shape[-1] for p in panels)
-            rows = [F.pad(p, (0, width - p.shape[-1], 0, 4), value=1.0) for p in panels]
-            self.save_image(tag, torch.cat(rows, dim=1))
+            self.save_image(tag, stack_panels(panels))
+
+    def report_figures(self, metrics: MetricCollection) -> list[tuple[str, torch.Tensor]]:
+        """Pictures of a whole test split for the leaderboard's HTML report, from the computed
+        ``metrics`` (e.g. a confusion matrix): ``(caption, (3, H, W) image in [0, 1])`` pairs."""
+        return []
 
     def save_image(self, tag: str, image: torch.Tensor) -> None:
         """Send ``image`` (3, H, W in [0, 1]) to TensorBoard if it is the logger, and always write
@@ -219,6 +222,12 @@ def lr_multiplier(schedule: str, total_steps: int, warmup_steps: int, min_ratio:
         return 1.0
 
     return factor
+
+
+def stack_panels(panels: list[torch.Tensor]) -> torch.Tensor:
+    """Stack (3, H, W) pictures of different widths into one image, top to bottom, on white."""
+    width = max(p.shape[-1] for p in panels)
+    return torch.cat([F.pad(p, (0, width - p.shape[-1], 0, 4), value=1.0) for p in panels], dim=1)
 
 
 def batch_size_of(batch: dict) -> int:

@@ -26,10 +26,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from data.base import BaseDataModule
-from tasks.base import BaseTask, batch_size_of
+from tasks.base import BaseTask, batch_size_of, stack_panels
 from tasks.checkpoints import CheckpointError, find_best_checkpoint, load_checkpoint
+from tasks.report import render_report
 
 LATENCY_BATCHES = 5
+REPORT_PANELS = 3  # test examples pictured per trained run in report.html
 
 
 def resolve_run(spec: str | Path) -> Path:
@@ -82,12 +84,29 @@ def count_gflops(task: BaseTask, batch: dict) -> float:
     return counter.get_total_flops() / 1e9 / batch_size_of(batch)
 
 
-def score(task: BaseTask, predict: Callable[[dict], Any], batches: Iterable[dict]) -> dict[str, float]:
-    """Test metrics of ``predict`` on ``batches``, with a fresh copy of the task's metrics."""
+def score(
+    task: BaseTask,
+    predict: Callable[[dict], Any],
+    batches: Iterable[dict],
+    figures: list[tuple[str, torch.Tensor]] | None = None,
+) -> dict[str, float]:
+    """Test metrics of ``predict`` on ``batches``, with a fresh copy of the task's metrics.
+
+    When ``figures`` is a list, the task's example panels of the first test samples and its
+    ``report_figures`` are appended to it, for the HTML report.
+    """
     metrics = task.configure_metrics().clone(prefix="test_")
+    panels: list[torch.Tensor] = []
     with torch.no_grad():
         for batch in batches:
-            task.update_metrics(metrics, predict(batch), batch)
+            prediction = predict(batch)
+            task.update_metrics(metrics, prediction, batch)
+            if figures is not None and len(panels) < REPORT_PANELS:
+                panels.extend(p.detach().cpu() for p in task.example_panels(batch, prediction)[: REPORT_PANELS - len(panels)])
+    if figures is not None:
+        if panels:
+            figures.append((f"{task.method_name}: test examples", stack_panels(panels)))
+        figures.extend(task.report_figures(metrics))
     return {name: float(value) for name, value in metrics.compute().items()}
 
 
@@ -101,16 +120,18 @@ def evaluate_run(spec: str | Path) -> list[dict[str, Any]]:
     timing = list(itertools.islice(loader, LATENCY_BATCHES))
     common = {"task": task.task_name, "dataset": datamodule.dataset_name, "split": "test"}
 
+    figures: list[tuple[str, torch.Tensor]] = []
     rows = [
         {
             **common,
             "method": task.method_name,
             "backbone": task.backbone_name,
-            "metrics": score(task, task.predict_batch, loader),
+            "metrics": score(task, task.predict_batch, loader, figures),
             "params_M": sum(p.numel() for p in task.inference_module().parameters()) / 1e6,
             "gflops": count_gflops(task, timing[0]),
             "latency_ms": time_per_sample(task.predict_batch, timing),
             "checkpoint": str(checkpoint),
+            "figures": figures,
         }
     ]
     for name, baseline in task.baselines().items():
@@ -161,18 +182,44 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def to_markdown(task: str, rows: list[dict]) -> str:
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Column headers and formatted cells of one task's table, best row first."""
     metric_names = list(rows[0]["metrics"])
     primary, higher = rows[0]["primary_metric"], rows[0]["higher_is_better"]
     arrows = {m: ("↑" if higher else "↓") if m == primary else "" for m in metric_names}
     header = ["Method", "Backbone", "Dataset"] + [f"{m.removeprefix('test_')} {arrows[m]}".strip() for m in metric_names]
     header += ["Params (M)", "GFLOPs", "Latency (ms/sample)"]
-    lines = [f"## {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells = []
     for row in _sorted(rows):
-        cells = [row["method"], row["backbone"], row["dataset"]] + [_fmt(row["metrics"][m]) for m in metric_names]
-        cells += [_fmt(row["params_M"], 3), _fmt(row["gflops"], 3), _fmt(row["latency_ms"], 3)]
-        lines.append("| " + " | ".join(cells) + " |")
+        line = [row["method"], row["backbone"], row["dataset"]] + [_fmt(row["metrics"].get(m)) for m in metric_names]
+        cells.append(line + [_fmt(row["params_M"], 3), _fmt(row["gflops"], 3), _fmt(row["latency_ms"], 3)])
+    return header, cells
+
+
+def to_markdown(task: str, rows: list[dict]) -> str:
+    header, cells = table(rows)
+    lines = [f"## {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(line) + " |" for line in cells]
     return "\n".join(lines) + "\n"
+
+
+def to_html(rows: list[dict]) -> str:
+    """The self-contained HTML report (tables and every trained run's figures)."""
+    sections = []
+    for task, task_rows in sorted(_by_task(rows).items()):
+        header, cells = table(task_rows)
+        ordered = _sorted(task_rows)
+        figures = [figure for row in ordered for figure in row.get("figures", [])]
+        trained = [row["checkpoint"] is not None for row in ordered]
+        sections.append({"task": task, "headers": header, "rows": cells, "trained": trained, "figures": figures})
+    return render_report(sections, environment())
+
+
+def _by_task(rows: list[dict]) -> dict[str, list[dict]]:
+    by_task: dict[str, list[dict]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row)
+    return by_task
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -199,17 +246,16 @@ def environment() -> dict[str, Any]:
 
 
 def write_leaderboard(rows: list[dict], output: str | Path) -> list[Path]:
-    """One Markdown, CSV and JSON table per task, plus ``leaderboard.md`` with every task."""
+    """One Markdown, CSV and JSON table per task, plus ``leaderboard.md`` with every task and the
+    self-contained ``report.html`` with the tables and pictures."""
     output = Path(output)
-    by_task: dict[str, list[dict]] = {}
-    for row in rows:
-        by_task.setdefault(row["task"], []).append(row)
     written = []
     sections = []
-    for task, task_rows in sorted(by_task.items()):
+    for task, task_rows in sorted(_by_task(rows).items()):
         markdown = to_markdown(task, task_rows)
         sections.append(markdown)
-        payload = {"task": task, "environment": environment(), "rows": _sorted(task_rows)}
+        plain_rows = [{k: v for k, v in row.items() if k != "figures"} for row in _sorted(task_rows)]
+        payload = {"task": task, "environment": environment(), "rows": plain_rows}
         for suffix, text in (("md", markdown), ("csv", to_csv(task_rows)), ("json", json.dumps(payload, indent=2))):
             path = output / f"{task}.{suffix}"
             write_atomically(path, text)
@@ -219,6 +265,9 @@ def write_leaderboard(rows: list[dict], output: str | Path) -> list[Path]:
     index = output / "leaderboard.md"
     write_atomically(index, "# Leaderboard\n\n" + note + "\n" + "\n".join(sections))
     written.append(index)
+    report = output / "report.html"
+    write_atomically(report, to_html(rows))
+    written.append(report)
     return written
 
 

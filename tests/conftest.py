@@ -53,3 +53,23 @@ def write_lol_v1(root: Path, n_train: int = 8, test_sizes=((40, 56), (37, 45), (
 @pytest.fixture(scope="session")
 def lol_v1_root(tmp_path_factory) -> Path:
     return write_lol_v1(tmp_path_factory.mktemp("lol_v1"))
+
+
+def browser_dom(page: Path) -> str:
+    """Open ``page`` in headless Chromium and return its DOM after the load event (scripts run)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise AssertionError("chromium is not installed; `make test` installs Debian's chromium package")
+    with tempfile.TemporaryDirectory() as profile:
+        flags = [
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
+        ]  # fmt: skip
+        result = subprocess.run([chromium, *flags, page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

@@ -1,6 +1,7 @@
 """The real CLI end to end on tiny data: fit, resume, test, predict, export, leaderboard, errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from lightning_app import main
-from tests.conftest import REPO, write_pairs
+from tests.conftest import REPO, browser_dom, write_pairs
 
 CONFIG = str(REPO / "tests" / "conf" / "low_light_tiny.yaml")
 
@@ -100,6 +101,17 @@ def test_leaderboard_writes_markdown_csv_and_json_with_baselines(trained_run, tm
     assert (out / "low_light.csv").read_text().startswith("task,method,backbone,dataset,split,test_psnr,test_ssim")
     assert "| IAGC |" in (out / "low_light.md").read_text() and (out / "leaderboard.md").exists()
     assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_leaderboard_report_renders_every_table_and_image_in_chromium(trained_run, tmp_path):
+    out = tmp_path / "board"
+    assert cli("leaderboard", "--runs", str(trained_run), "--output", str(out)) == 0
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and "data:image/png;base64," in page and 'src="http' not in page  # self-contained
+    dom = browser_dom(out / "report.html")
+    images = int(re.search(r'data-images-ok="(\d+)"', dom).group(1))
+    assert images >= 1 and 'data-images-broken="0"' in dom and 'data-tables="1"' in dom
+    assert dom.count("<tr") == 1 + 4  # header + IAGC and the three baselines
 
 
 def test_print_config_lists_the_task_arguments(capsys):
