@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 
 #: positions per chunk in the exported (doubling) graph; a power of two
-EXPORT_CHUNK = 32
+EXPORT_CHUNK = 64
 #: doublings across chunks in the exported graph: it is exact up to ``EXPORT_MAX_LENGTH`` positions
-EXPORT_CHUNK_DOUBLINGS = 16
+EXPORT_CHUNK_DOUBLINGS = 11
 EXPORT_MAX_LENGTH = EXPORT_CHUNK * 2**EXPORT_CHUNK_DOUBLINGS
 
 BACKENDS = ("auto", "kernel", "chunked", "doubling")
@@ -253,24 +253,67 @@ def _from_steps(x: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _shift(x: torch.Tensor, k: int, dim: int, fill: float) -> torch.Tensor:
-    """``out[c] = x[c - k]`` along ``dim``, ``fill`` where ``c < k``; exportable for any ``k``."""
+    """``out[c] = x[c - k]`` along ``dim`` (``dim >= 0``), ``fill`` where ``c < k``; exportable for any ``k``."""
+    source, inside = _shift_index(x, k, dim)
+    return torch.where(inside, x.index_select(dim, source), fill)
+
+
+def _shift_index(x: torch.Tensor, k: int, dim: int):
+    """Where ``_shift`` reads from, and the mask of positions that have a source (``c >= k``)."""
     index = torch.arange(x.shape[dim], device=x.device) - k
-    shifted = x.index_select(dim, index.clamp(min=0))
-    inside = (index >= 0).view([-1] + [1] * (x.dim() - dim - 1) if dim >= 0 else [-1] + [1] * (-dim - 1))
-    return torch.where(inside, shifted, torch.full_like(shifted, fill))
+    return index.clamp(min=0), (index >= 0).view([-1] + [1] * (x.dim() - dim - 1))
 
 
 def _doubling_scan(decay: torch.Tensor, x: torch.Tensor, dim: int, steps: int):
     """Inclusive scan ``x_c <- decay_c * x_{c-1} + x_c`` along ``dim`` by Hillis-Steele doubling.
 
     Returns the scanned ``x`` and the inclusive prefix products of ``decay``. Exact for
-    ``x.shape[dim] <= 2**steps``.
+    ``x.shape[dim] <= 2**steps``; every step shifts by an index, never by a size-dependent slice,
+    so ``steps`` may exceed what the length needs (the exported graph relies on it).
     """
     for i in range(steps):
-        k = 1 << i
-        x = x + decay * _shift(x, k, dim, 0.0)
-        decay = decay * _shift(decay, k, dim, 1.0)
+        source, inside = _shift_index(x, 1 << i, dim)
+        x = x + torch.where(inside, decay * x.index_select(dim, source), 0.0)
+        decay = torch.where(inside, decay * decay.index_select(dim, source), decay)
     return x, decay
+
+
+class _Steps:
+    """The chunked scan's inputs laid out step-major: ``x[t]`` is position ``t`` of every chunk.
+
+    Shapes (``G`` groups of ``H`` channels): ``dt`` and ``dtu`` (delta * u) are
+    (chunk, batch, n_chunks, G, H); ``B`` and ``C`` are (chunk, batch, n_chunks, G, 1, state),
+    rows ready for ``row @ matrix`` products; ``A`` is (G, H, state).
+    """
+
+    def __init__(self, u, delta, A, B, C):
+        batch, channels, self.length = u.shape
+        groups, state = B.shape[1], A.shape[1]
+        self.chunk = chunk_size(self.length)
+        self.n_chunks = math.ceil(self.length / self.chunk)
+        self.per_group = (groups, channels // groups)
+        self.A = A.reshape(*self.per_group, state)
+        self.dt = self.steps(delta)
+        self.dtu = self.steps(delta * u)
+        self.B = _to_steps(B, self.chunk, self.n_chunks).unsqueeze(-2)
+        self.C = _to_steps(C, self.chunk, self.n_chunks).unsqueeze(-2)
+
+    def steps(self, x):
+        """(batch, channels, length) -> (chunk, batch, n_chunks, G, H)."""
+        return _to_steps(x.unflatten(1, self.per_group), self.chunk, self.n_chunks)
+
+    def unsteps(self, x):
+        """(chunk, batch, n_chunks, G, H, ...) -> (batch, channels, length, ...)."""
+        return _from_steps(x, self.length).flatten(1, 2)
+
+    def decays(self):
+        """exp(delta_t * A) for every step: (chunk, batch, n_chunks, G, H, state), one buffer."""
+        decays = torch.mul(self.dt[..., None], self.A)
+        return decays.exp_()
+
+    def chunk_decay(self):
+        """Each chunk's total decay exp(A * sum of its deltas), in (0, 1] for A <= 0 <= delta."""
+        return torch.exp(self.dt.sum(0)[..., None] * self.A)
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -279,102 +322,79 @@ class _ChunkedScan(torch.autograd.Function):
     Inputs are already in the compute dtype: u, delta (batch, channels, length) with the bias and
     softplus applied; A (channels, state); B, C (batch, groups, state, length).
     Returns y = sum_n C h (batch, channels, length) and the last state (batch, channels, state).
+    States are (..., H, state) matrices per (batch, chunk, group); contractions over the state are
+    written ``row @ matrix.mT`` because that is the fast vector-matrix product on CPU.
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
-        batch, channels, length = u.shape
-        groups, state = B.shape[1], A.shape[1]
-        chunk = chunk_size(length)
-        n_chunks = math.ceil(length / chunk)
-        per_group = (groups, channels // groups)
-        A_g = A.reshape(*per_group, state)
-        dt = _to_steps(delta.unflatten(1, per_group), chunk, n_chunks)  # (chunk, batch, n_chunks, G, H)
-        dtu = _to_steps((delta * u).unflatten(1, per_group), chunk, n_chunks)
-        B_s = _to_steps(B, chunk, n_chunks).unsqueeze(-2)  # (chunk, batch, n_chunks, G, 1, state)
-        C_s = _to_steps(C, chunk, n_chunks).unsqueeze(-1)  # (chunk, batch, n_chunks, G, state, 1)
-
+        s = _Steps(u, delta, A, B, C)
+        decays = s.decays()
         # 1. local pass from a zero state
-        h = dt.new_zeros(*dt.shape[1:], state)
-        for t in range(chunk):
-            h.mul_(torch.exp(dt[t, ..., None] * A_g)).addcmul_(dtu[t, ..., None], B_s[t])
+        h = torch.zeros_like(decays[0])
+        for t in range(s.chunk):
+            h.mul_(decays[t]).addcmul_(s.dtu[t, ..., None], s.B[t])
         # 2. carry across chunks: true state at the end of every chunk, then the one entering it
-        chunk_decay = torch.exp(dt.sum(0)[..., None] * A_g)
-        ends, _ = _doubling_scan(chunk_decay, h, dim=1, steps=(n_chunks - 1).bit_length())
+        chunk_decay = s.chunk_decay()
+        ends, _ = _doubling_scan(chunk_decay, h, dim=1, steps=(s.n_chunks - 1).bit_length())
         entering = _shift(ends, 1, dim=1, fill=0.0)
-        # 3. output pass from the entering states
+        # 3. output pass from the entering states, contracting with C_t at once
         h = entering.clone()
-        y = dt.new_empty(*dt.shape)
-        for t in range(chunk):
-            h.mul_(torch.exp(dt[t, ..., None] * A_g)).addcmul_(dtu[t, ..., None], B_s[t])
-            torch.matmul(h, C_s[t], out=y[t].unsqueeze(-1))
+        y = s.dt.new_empty(*s.dt.shape[:-1], 1, s.dt.shape[-1])  # (chunk, batch, n_chunks, G, 1, H)
+        for t in range(s.chunk):
+            h.mul_(decays[t]).addcmul_(s.dtu[t, ..., None], s.B[t])
+            torch.matmul(s.C[t], h.mT, out=y[t])
         ctx.save_for_backward(u, delta, A, B, C, entering, chunk_decay)
-        last = ends[:, -1].reshape(batch, channels, state)
-        return _from_steps(y, length).reshape(batch, channels, length), last
+        return s.unsteps(y.squeeze(-2)), ends[:, -1].flatten(1, 2)
 
     @staticmethod
     def backward(ctx, dy, dlast):
         u, delta, A, B, C, entering, chunk_decay = ctx.saved_tensors
-        batch, channels, length = u.shape
-        groups, state = B.shape[1], A.shape[1]
-        chunk = chunk_size(length)
-        n_chunks = math.ceil(length / chunk)
-        per_group = (groups, channels // groups)
-        A_g = A.reshape(*per_group, state)
-        dt = _to_steps(delta.unflatten(1, per_group), chunk, n_chunks)
-        dtu = _to_steps((delta * u).unflatten(1, per_group), chunk, n_chunks)
-        B_s = _to_steps(B, chunk, n_chunks).unsqueeze(-2)
-        C_s = _to_steps(C, chunk, n_chunks).unsqueeze(-2)  # (chunk, batch, n_chunks, G, 1, state)
-        dy_s = _to_steps(dy.unflatten(1, per_group), chunk, n_chunks)
+        s = _Steps(u, delta, A, B, C)
+        dy_s = s.steps(dy)
+        decays = s.decays()
 
-        # states at every step: the one full-size buffer, alive only during the backward
-        hs = dt.new_empty(*dt.shape, state)
+        # states of every step (the second full-size buffer), and, from the same pass, what each
+        # chunk's adjoints pass to the chunk before when started from zero at the chunk's end:
+        # flow_c = a_0 g_0 = sum_t (a_0 ... a_t) C_t dy_t
+        hs = torch.empty_like(decays)
+        flow = torch.zeros_like(entering)
         h = entering
-        for t in range(chunk):
-            torch.mul(torch.exp(dt[t, ..., None] * A_g), h, out=hs[t])
-            hs[t].addcmul_(dtu[t, ..., None], B_s[t])
+        for t in range(s.chunk):
+            torch.mul(decays[t], h, out=hs[t])
+            hs[t].addcmul_(s.dtu[t, ..., None], s.B[t])
             h = hs[t]
+            prefix = decays[0].clone() if t == 0 else prefix.mul_(decays[t])
+            flow.addcmul_(prefix * dy_s[t, ..., None], s.C[t])
+        # carry backwards across chunks; the last state's gradient enters after the last step
+        seed = dlast.unflatten(1, s.per_group)
+        flow[:, -1] += chunk_decay[:, -1] * seed
+        flow, _ = _doubling_scan(chunk_decay.flip(1), flow.flip(1), dim=1, steps=(s.n_chunks - 1).bit_length())
+        g = torch.cat([flow.flip(1)[:, 1:], seed[:, None]], dim=1)  # a_0 g_0 of the chunk after
 
-        # adjoints g_t = C_t dy_t + a_{t+1} g_{t+1}: local reverse pass from zero at each chunk end
-        g = dt.new_zeros(*dt.shape[1:], state)
-        for t in reversed(range(chunk)):
-            decay = torch.exp(dt[t, ..., None] * A_g)
-            g.addcmul_(dy_s[t, ..., None], C_s[t])
-            g.mul_(decay)  # now a_t g_t: what flows into the previous step
-        # carry backwards across chunks: adjoint flowing into the last step of every chunk
-        seed = dlast.reshape(batch, *per_group, state)
-        local = g
-        local[:, -1] += chunk_decay[:, -1] * seed
-        flowing, _ = _doubling_scan(
-            chunk_decay.flip(1), local.flip(1), dim=1, steps=(n_chunks - 1).bit_length()
-        )
-        flowing = flowing.flip(1)  # flowing[c]: a_0 g_0 of chunk c (what chunk c passes to chunk c-1)
-        g = torch.cat([flowing[:, 1:], seed[:, None]], dim=1)
-
-        # reverse pass from the true adjoints, forming the gradients step by step
+        # reverse pass from the true adjoints g_t = C_t dy_t + a_{t+1} g_{t+1}, gradients per step
         grad_A = torch.zeros_like(g)
-        d_dt = dt.new_empty(*dt.shape)  # sum_n A a_t h_{t-1} g_t
-        gB = dt.new_empty(*dt.shape)  # sum_n B_t g_t
-        grad_B = B_s.new_empty(*B_s.shape)
-        grad_C = B_s.new_empty(*B_s.shape)
-        for t in reversed(range(chunk)):
-            decay = torch.exp(dt[t, ..., None] * A_g)
-            g.addcmul_(dy_s[t, ..., None], C_s[t])  # g_t
+        d_dt = torch.empty_like(s.dt)  # sum_n A a_t h_{t-1} g_t
+        gB = torch.empty_like(s.dt).unsqueeze(-2)  # sum_n B_t g_t
+        grad_B = torch.empty_like(s.B)
+        grad_C = torch.empty_like(s.C)
+        for t in reversed(range(s.chunk)):
+            g.addcmul_(dy_s[t, ..., None], s.C[t])
             torch.matmul(dy_s[t].unsqueeze(-2), hs[t], out=grad_C[t])
-            torch.matmul(dtu[t].unsqueeze(-2), g, out=grad_B[t])
-            torch.matmul(g, B_s[t].transpose(-1, -2), out=gB[t].unsqueeze(-1))
-            previous = hs[t - 1] if t > 0 else entering
-            q = decay * previous * g  # a_t h_{t-1} g_t
-            grad_A.addcmul_(dt[t, ..., None], q)
-            d_dt[t] = (q * A_g).sum(-1)
-            g.mul_(decay)
+            torch.matmul(s.dtu[t].unsqueeze(-2), g, out=grad_B[t])
+            torch.matmul(s.B[t], g.mT, out=gB[t])
+            q = decays[t] * (hs[t - 1] if t > 0 else entering)
+            q.mul_(g)  # a_t h_{t-1} g_t
+            grad_A.addcmul_(s.dt[t, ..., None], q)
+            torch.sum(q.mul_(s.A), dim=-1, out=d_dt[t])
+            g.mul_(decays[t])
 
-        u_s = _to_steps(u.unflatten(1, per_group), chunk, n_chunks)
-        grad_u = _from_steps(dt * gB, length).reshape(batch, channels, length)
-        grad_delta = _from_steps(d_dt + u_s * gB, length).reshape(batch, channels, length)
-        grad_A = grad_A.sum((0, 1)).reshape(channels, state)
-        grad_B = _from_steps(grad_B.squeeze(-2), length)  # (batch, G, state, length)
-        grad_C = _from_steps(grad_C.squeeze(-2), length)
+        gB = gB.squeeze(-2)
+        grad_u = s.unsteps(s.dt * gB)
+        grad_delta = s.unsteps(d_dt + s.steps(u) * gB)
+        grad_A = grad_A.sum((0, 1)).flatten(0, 1)
+        grad_B = _from_steps(grad_B.squeeze(-2), s.length)  # (batch, G, state, length)
+        grad_C = _from_steps(grad_C.squeeze(-2), s.length)
         return grad_u, grad_delta, grad_A, grad_B, grad_C
 
 
@@ -396,10 +416,13 @@ def selective_scan_doubling(u, delta, A, B, C):
     groups, state = B.shape[1], A.shape[1]
     per_group = (groups, channels // groups)
     chunk = EXPORT_CHUNK
-    pad = (chunk - length % chunk) % chunk
+    # one or two chunks more than needed: with n_chunks = length // chunk + 2 torch.export can prove
+    # n_chunks >= 2 and n_chunks * chunk >= length, so the graph stays dynamic (no specialisation)
+    n_chunks = length // chunk + 2
 
-    def blocks(x):  # (batch, *mid, length) -> (batch, n_chunks, chunk, *mid)
-        x = F.pad(x, (0, pad)).unflatten(-1, (-1, chunk))
+    def blocks(x):  # (batch, *mid, length) -> (batch, n_chunks, chunk, *mid), zero-padded
+        # unfold, not reshape: reshape makes torch.export guard on divisibility it cannot prove
+        x = F.pad(x, (0, n_chunks * chunk - length)).unfold(-1, chunk, chunk)
         return x.movedim(-2, 1).movedim(-1, 2)
 
     dt = blocks(delta.unflatten(1, per_group))  # (batch, n_chunks, chunk, G, H)
@@ -411,8 +434,10 @@ def selective_scan_doubling(u, delta, A, B, C):
     entering = _shift(ends, 1, dim=1, fill=0.0)
     h = local + cumulative * entering[:, :, None]
     y = (h * blocks(C).unsqueeze(-2)).sum(-1)  # (batch, n_chunks, chunk, G, H)
-    y = y.movedim(2, -1).movedim(1, -2).flatten(-2)[..., :length]
-    return y.reshape(batch, channels, length), ends[:, -1].reshape(batch, channels, state)
+    y = y.movedim(2, -1).movedim(1, -2).reshape(batch, channels, n_chunks * chunk)
+    # drop the padding by gathering (slicing makes torch.export guard on a bound it cannot prove)
+    y = y.index_select(-1, torch.arange(length, device=y.device))
+    return y, ends[:, -1].reshape(batch, channels, state)
 
 
 # -- mamba-ssm's CUDA kernel --------------------------------------------------------------------
