@@ -13,7 +13,6 @@ column is the largest |output - sequential| relative to max |sequential|.
 * mambapy: mambapy's ``MambaBlock.selective_scan`` (Blelloch parallel scan ``pscan`` with its own
   backward), fed in its (batch, length, channels) layout prepared outside the timing.
 * chunked: ``selective_scan`` on CPU (the suite's chunked scan, hand-written backward).
-* doubling: the exported-graph form, for reference (autograd backward).
 """
 
 from __future__ import annotations
@@ -72,7 +71,6 @@ def methods():
     found = {
         "sequential": (same, lambda x: selective_scan_sequential(**x), same),
         "chunked": (same, lambda x: selective_scan(**x, backend="chunked"), same),
-        "doubling": (same, lambda x: selective_scan(**x, backend="doubling"), same),
     }
     mamba = mambapy_method()
     if mamba is not None:

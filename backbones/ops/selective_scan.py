@@ -322,8 +322,13 @@ class _ChunkedScan(torch.autograd.Function):
     Inputs are already in the compute dtype: u, delta (batch, channels, length) with the bias and
     softplus applied; A (channels, state); B, C (batch, groups, state, length).
     Returns y = sum_n C h (batch, channels, length) and the last state (batch, channels, state).
-    States are (..., H, state) matrices per (batch, chunk, group); contractions over the state are
-    written ``row @ matrix.mT`` because that is the fast vector-matrix product on CPU.
+
+    Memory: the forward holds one (chunk, batch, n_chunks, G, H, state) buffer (the decays) and
+    saves only the small inputs and the chunk-entry states; the backward recomputes the decays and
+    the states (two buffers of that size, alive only during the backward). Each loop step works on
+    one step slice of every chunk, small enough to stay in cache. States are (H, state) matrices
+    per (batch, chunk, group); contractions over the state are written ``row @ matrix.mT``, the
+    fast vector-matrix product on CPU.
     """
 
     @staticmethod
@@ -378,20 +383,21 @@ class _ChunkedScan(torch.autograd.Function):
         gB = torch.empty_like(s.dt).unsqueeze(-2)  # sum_n B_t g_t
         grad_B = torch.empty_like(s.B)
         grad_C = torch.empty_like(s.C)
+        q = torch.empty_like(g)
         for t in reversed(range(s.chunk)):
             g.addcmul_(dy_s[t, ..., None], s.C[t])
             torch.matmul(dy_s[t].unsqueeze(-2), hs[t], out=grad_C[t])
             torch.matmul(s.dtu[t].unsqueeze(-2), g, out=grad_B[t])
             torch.matmul(s.B[t], g.mT, out=gB[t])
-            q = decays[t] * (hs[t - 1] if t > 0 else entering)
+            torch.mul(decays[t], hs[t - 1] if t > 0 else entering, out=q)
             q.mul_(g)  # a_t h_{t-1} g_t
             grad_A.addcmul_(s.dt[t, ..., None], q)
             torch.sum(q.mul_(s.A), dim=-1, out=d_dt[t])
             g.mul_(decays[t])
 
-        gB = gB.squeeze(-2)
-        grad_u = s.unsteps(s.dt * gB)
-        grad_delta = s.unsteps(d_dt + s.steps(u) * gB)
+        gB = s.unsteps(gB.squeeze(-2))
+        grad_u = delta * gB
+        grad_delta = torch.addcmul(s.unsteps(d_dt), u, gB)
         grad_A = grad_A.sum((0, 1)).flatten(0, 1)
         grad_B = _from_steps(grad_B.squeeze(-2), s.length)  # (batch, G, state, length)
         grad_C = _from_steps(grad_C.squeeze(-2), s.length)
