@@ -104,7 +104,8 @@ def main() -> None:
         print("mambapy is not installed (pip install mambapy==1.2.0): its rows are left out\n")
     print(f"command: python benchmarks/selective_scan_speed.py --threads {args.threads} --runs {args.runs}")
     print(f"torch {torch.__version__}, {args.threads} CPU threads, float32, median of {args.runs} runs\n")
-    print("| shape (B, D, L, N) | method | rel. error | forward (s) | fwd + bwd (s) | chunked is faster by (fwd + bwd) |")
+    print("| shape (B, D, L, N) | method | rel. error | forward (s) | fwd + bwd (s) "
+          "| chunked is faster by (fwd + bwd) |")
     print("|---|---|---|---|---|---|")
     for shape in shapes:
         base = make_inputs(*shape)

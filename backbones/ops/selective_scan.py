@@ -25,20 +25,24 @@ Implementations behind the one function ``selective_scan``:
   2. Carry: a chunk's total decay is ``exp(A * sum of its deltas)``; a log-depth doubling scan
      over the chunks combines (decay, local end state) pairs into the true state entering each.
   3. Output pass: step through the positions again from the true entering states, contracting
-     each state with ``C_t`` as soon as it exists, so no (batch, channels, length, state) tensor
-     is ever stored in the forward.
+     each state with ``C_t`` as soon as it exists, so the states themselves are never stored
+     (the decays ``exp(delta_t * A)`` are, once, to serve both passes).
 
   That is ``2 * chunk + log2(n_chunks)`` vectorised steps and O(length) work. Only products of
   decays are ever formed, each in (0, 1] when ``A <= 0`` and ``delta >= 0``; nothing divides by
   a cumulative product or takes differences of cumulative log-decays, so strong decay over long
   sequences neither overflows nor underflows into NaN. The backward is written by hand: the
   adjoint ``g_t = dL/dh_t`` obeys the reverse-time recurrence ``g_t = C_t dy_t + a_{t+1} g_{t+1}``
-  (``a_t = exp(delta_t * A)``), run with the same chunking backwards in time.
+  (``a_t = exp(delta_t * A)``), run with the same chunking backwards in time; it recomputes the
+  states from the saved chunk-entry states, so training keeps O(batch * channels * length)
+  activations per call, not O(... * state).
 * **doubling** (used automatically while exporting with ``torch.onnx.export`` / ``torch.export``):
   the same two levels with both scans done by Hillis-Steele doubling, so the graph has a fixed
   size and a dynamic length: ``log2(EXPORT_CHUNK)`` doublings inside the chunks, then
   ``EXPORT_CHUNK_DOUBLINGS`` doublings across them, then a correction of every position by its
-  within-chunk cumulative decay. Longest length: ``EXPORT_MAX_LENGTH``.
+  within-chunk cumulative decay. Longest length: ``EXPORT_MAX_LENGTH`` (131072); longer inputs
+  raise outside export (an exported graph cannot check, and would be wrong past it). Its autograd
+  backward is correct but slow: it is meant for export and inference.
 
 ``selective_scan_sequential`` is the plain loop over time that the tests and the benchmark compare
 all of these with.
@@ -195,7 +199,9 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
             raise ValueError(f"selective_scan: {name} must be 3-D or 4-D, got shape {tuple(proj.shape)}")
         groups.append(1 if proj.dim() == 3 else proj.shape[1])
     if groups[0] != groups[1]:
-        raise ValueError(f"selective_scan: B and C must have the same number of groups, got {groups[0]} and {groups[1]}")
+        raise ValueError(
+            f"selective_scan: B and C must have the same number of groups, got {groups[0]} and {groups[1]}"
+        )
     for name, vector in (("D", D), ("delta_bias", delta_bias)):
         if vector is not None and vector.shape != (channels,):
             raise ValueError(f"selective_scan: {name} must be (channels,) = ({channels},), got {tuple(vector.shape)}")

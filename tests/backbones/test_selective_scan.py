@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from backbones.ops.selective_scan import (
     EXPORT_MAX_LENGTH,
@@ -160,16 +161,15 @@ def test_grouped_projections_with_one_group_equal_ungrouped():
 
 def test_time_invariant_projection_workaround_matches_per_channel_loop():
     # the error message for (channels, state) B suggests expanding it to groups = channels
-    x = make_inputs(20, seed=7)
+    x = {k: v.double() for k, v in make_inputs(20, seed=7).items()}
+    u, delta, A = x["u"], F.softplus(x["delta"]), x["A"]
     B_const = torch.randn(4, 3, dtype=torch.float64)
     expanded = B_const[None, :, :, None].expand(2, -1, -1, 20)
-    got = selective_scan(x["u"].double(), F.softplus(x["delta"]).double(), x["A"].double(), expanded,
-                         expanded.clone())
-    delta = F.softplus(x["delta"]).double()
+    got = selective_scan(u, delta, A, expanded, expanded.clone())
     h = torch.zeros(2, 4, 3, dtype=torch.float64)
     want = []
     for t in range(20):
-        h = torch.exp(delta[..., t, None] * x["A"].double()) * h + (delta[..., t] * x["u"].double()[..., t])[..., None] * B_const
+        h = torch.exp(delta[..., t, None] * A) * h + (delta[..., t] * u[..., t])[..., None] * B_const
         want.append((h * B_const).sum(-1))
     torch.testing.assert_close(got, torch.stack(want, -1), rtol=1e-10, atol=1e-12)
 
@@ -238,6 +238,28 @@ def test_only_requested_gradients_flow_and_match():
     u_ref = x["u"].clone().requires_grad_()
     (want,) = torch.autograd.grad(selective_scan_sequential(u_ref, *args, delta_softplus=True).sum(), [u_ref])
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
+
+
+class _CountTorchCalls(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_chunked_scan_has_no_loop_over_time_steps():
+    # operations dispatched grow like sqrt(length) (chunk positions), not like the length
+    calls = {}
+    for length in (1024, 4096):
+        x = make_inputs(length, batch=1, channels=2, state=2)
+        with _CountTorchCalls() as counter:
+            selective_scan(**x)
+        calls[length] = counter.calls
+    assert calls[4096] < 2.5 * calls[1024], calls
+    assert calls[4096] < 4096 // 2, calls
 
 
 # -- argument checking -----------------------------------------------------------------------------
