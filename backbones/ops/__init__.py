@@ -1,6 +1,3 @@
-"""Building blocks that are not models: gamma by Taylor series, the selective scan, and (as tasks
-land) sliding-window and plane attention, voxel hashing."""
-
-from backbones.ops.selective_scan import selective_scan, selective_scan_sequential
-
-__all__ = ["selective_scan", "selective_scan_sequential"]
+"""Building blocks that are not models: gamma by Taylor series (``taylor_gamma``), the selective
+scan (``selective_scan``), and (as tasks land) sliding-window and plane attention, voxel hashing.
+Import from the submodules (``from backbones.ops.selective_scan import selective_scan``)."""
