@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.errors import DatasetNotFoundError, OutputExistsError
-from data.sampling import ResumableSampler, global_seed
+from data.sampling import ResumableSampler, ShardedEvalSampler, global_seed
 
 
 def cache_root() -> Path:
@@ -119,7 +119,8 @@ class BaseDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         drop_last = shuffle and len(dataset) > batch_size
         # Training draws (index, augmentation seed) keys in an order a resumed fit can replay.
-        sampler = ResumableSampler(dataset, seed=global_seed()) if shuffle else None
+        # Evaluation shards the split across DDP ranks without repeating any sample.
+        sampler = ResumableSampler(dataset, seed=global_seed()) if shuffle else ShardedEvalSampler(dataset)
         return DataLoader(
             dataset,
             batch_size=batch_size,

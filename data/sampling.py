@@ -93,3 +93,30 @@ class ResumableSampler(DistributedSampler):
         keys = list(zip(order[mine].tolist(), seeds[mine].tolist()))
         skip, self.skip = self.skip, 0  # only the resumed epoch skips
         return iter(keys[skip:])
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """Evaluation order: every sample exactly once over all ranks, in dataset order.
+
+    Lightning's default sampler for DDP evaluation pads the last ranks with repeated samples,
+    which counts those samples twice in the metrics; here rank ``r`` of ``w`` takes samples
+    ``r, r + w, ...`` and nothing is repeated (ranks may run one batch more or less; the metrics
+    are torchmetrics, reduced at the end of the epoch). One process sees the whole split in order.
+    """
+
+    def __init__(self, dataset: Dataset):
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
+
+    def _sync_world(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            self.num_replicas, self.rank = dist.get_world_size(), dist.get_rank()
+        self.num_samples = len(range(self.rank, len(self.dataset), self.num_replicas))
+        self.total_size = len(self.dataset)
+
+    def __len__(self) -> int:
+        self._sync_world()
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        self._sync_world()
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
