@@ -259,10 +259,16 @@ class AggregatedAttention(_CosineAttentionBase):
         self.learnable_tokens = nn.Parameter(trunc_normal_(torch.empty(num_heads, self.head_dim, local_len), std=0.02))
         self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, local_len))
 
-    def forward(self, x: torch.Tensor, geometry: StageGeometry) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, geometry: StageGeometry) -> tuple[torch.Tensor, ...]:
+        """Similarities of every query to its window keys and to the pooled keys.
+
+        Returns the logits ``(B, heads, N, window**2 + P)`` (window first, row-major; off-image
+        neighbours are -inf), and the normalised queries ``(B, heads, head_dim, H, W)``, the
+        zero-padded values and the pooled values that ``forward`` aggregates.
+        """
         batch, height, width, channels = x.shape
-        heads, head_dim, window = self.num_heads, self.head_dim, self.window_size
-        radius, local_len, tokens = window // 2, window * window, height * width
+        heads, head_dim, radius = self.num_heads, self.head_dim, self.window_size // 2
+        tokens, local_len = height * width, self.window_size**2
 
         # queries, keys and values as "planes" (B, heads, head_dim, H, W), straight from one
         # product with the transposed map: the window loop below then works on whole planes
@@ -277,12 +283,12 @@ class AggregatedAttention(_CosineAttentionBase):
         scaled_query = (query + self.query_embedding.view(heads, head_dim, 1, 1)) * self.query_scale(geometry)
         key_padded = F.pad(F.normalize(key, dim=2), (radius,) * 4)
         value_padded = F.pad(value, (radius,) * 4)
-        shifts = [(dy, dx) for dy in range(window) for dx in range(window)]
 
         # pixel-focused attention: the window's keys are shifted views of the zero-padded map;
         # neighbours off the image get -inf through the bias (the paper masks them)
         local = torch.stack(
-            [(scaled_query * key_padded[..., dy : dy + height, dx : dx + width]).sum(2) for dy, dx in shifts], dim=-1
+            [(scaled_query * key_padded[..., dy : dy + height, dx : dx + width]).sum(2) for dy, dx in self._shifts()],
+            dim=-1,
         )
         local_bias = self.relative_pos_bias_local[:, None, :].masked_fill(geometry.off_image, float("-inf"))
         local = local.view(batch, heads, tokens, local_len) + local_bias
@@ -293,21 +299,31 @@ class AggregatedAttention(_CosineAttentionBase):
         key_pool, value_pool = self.kv(pooled).view(batch, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         query_rows = scaled_query.view(batch, heads, head_dim, tokens).transpose(-1, -2)
         pool = query_rows @ F.normalize(key_pool, dim=-1).transpose(-1, -2) + self.position_bias(geometry)
+        return torch.cat([local, pool], dim=-1), query, value_padded, value_pool
+
+    def forward(self, x: torch.Tensor, geometry: StageGeometry) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        heads, head_dim, local_len, tokens = self.num_heads, self.head_dim, self.window_size**2, height * width
+        logits, query, value_padded, value_pool = self.logits(x, geometry)
 
         # one softmax over both key sets, then each set aggregates its own values
-        attn = self.attn_drop(torch.cat([local, pool], dim=-1).softmax(dim=-1))
+        attn = self.attn_drop(logits.softmax(dim=-1))
         attn_local, attn_pool = attn[..., :local_len], attn[..., local_len:]
         token_affinity = self.learnable_tokens.transpose(1, 2) @ query.view(batch, heads, head_dim, tokens)
         weight_local = token_affinity + attn_local.transpose(-1, -2) + self.learnable_bias.view(heads, local_len, 1)
         weight_local = weight_local.view(batch, heads, local_len, 1, height, width)
         out = (value_pool.transpose(-1, -2) @ attn_pool.transpose(-1, -2)).view(batch, heads, head_dim, height, width)
-        for index, (dy, dx) in enumerate(shifts):
+        for index, (dy, dx) in enumerate(self._shifts()):
             out = out.addcmul_(weight_local[:, :, index], value_padded[..., dy : dy + height, dx : dx + width])
 
         # output projection on the transposed planes, back to a channels-last map
         rows = out.view(batch, channels, tokens).transpose(1, 2)
         out = torch.baddbmm(self.proj.bias, rows, self.proj.weight.t().expand(batch, -1, -1))
         return self.proj_drop(out.view(batch, height, width, channels))
+
+    def _shifts(self) -> list[tuple[int, int]]:
+        """Window positions as (row, column) offsets into the padded map, row-major like unfold."""
+        return [(dy, dx) for dy in range(self.window_size) for dx in range(self.window_size)]
 
 
 class Attention(_CosineAttentionBase):
