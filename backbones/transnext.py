@@ -99,6 +99,25 @@ def pooled_axis_offsets(length, pooled, device: torch.device) -> tuple[torch.Ten
     return values.float() / 2, twice_offset - lowest
 
 
+def adaptive_average_pool(x: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Adaptive average pooling of a channels-last map (B, H, W, C) to (B, Ph, Pw, C).
+
+    While tracing for export it is written as two products with bin-averaging matrices: the
+    exporter's own decomposition of adaptive pooling bakes the traced sizes into its indices.
+    """
+    if not _tracing():
+        return F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)
+
+    def bins(length, count) -> torch.Tensor:  # (count, length): row j averages [start_j, end_j)
+        position, index = torch.arange(length, device=x.device), torch.arange(count, device=x.device)
+        start = torch.div(index * length, count, rounding_mode="floor")
+        end = torch.div((index + 1) * length + count - 1, count, rounding_mode="floor")
+        inside = (position[None, :] >= start[:, None]) & (position[None, :] < end[:, None])
+        return inside.to(x.dtype) / (end - start)[:, None].to(x.dtype)
+
+    return torch.einsum("ph,bhwc,qw->bpqc", bins(x.shape[1], size[0]), x, bins(x.shape[2], size[1]))
+
+
 def log_spaced(offsets: torch.Tensor, pretrain_length: int) -> torch.Tensor:
     """The position-bias MLP's input: offsets in units of the pre-training grid, log-spaced.
 
@@ -294,8 +313,8 @@ class AggregatedAttention(_CosineAttentionBase):
         local = local.view(batch, heads, tokens, local_len) + local_bias
 
         # the pooled view of the whole map: (B, heads, P, head_dim) keys and values
-        pooled = F.adaptive_avg_pool2d(self.act(self.sr(x)).permute(0, 3, 1, 2), geometry.pooled_size)
-        pooled = self.norm(pooled.flatten(2).transpose(1, 2))
+        pooled = adaptive_average_pool(self.act(self.sr(x)), geometry.pooled_size)
+        pooled = self.norm(pooled.flatten(1, 2))
         key_pool, value_pool = self.kv(pooled).view(batch, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         query_rows = scaled_query.view(batch, heads, head_dim, tokens).transpose(-1, -2)
         pool = query_rows @ F.normalize(key_pool, dim=-1).transpose(-1, -2) + self.position_bias(geometry)
