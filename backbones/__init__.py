@@ -1,1 +1,3 @@
 """Networks shared across tasks. Importing this package registers the 2D backbones with timm."""
+
+from backbones import afmnet  # noqa: E402,F401  (registers afmnet_tiny, afmnet_small, afmnet_base)
