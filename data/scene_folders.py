@@ -31,6 +31,7 @@ listed file that is missing, or an image listed twice raise an error naming the 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import tempfile
@@ -41,11 +42,13 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from data.base import BaseDataModule, cache_root
-from data.errors import DatasetNotFoundError, EmptyDatasetError, LayoutError, OutputExistsError, SplitError
+from data.errors import DatasetNotFoundError, EmptyDatasetError, LayoutError, SplitError
 from data.lol import IMAGE_SUFFIXES, list_images, read_rgb, to_tensor
+from data.sampling import SampleKey, sample_key, seed_transform
 
 SPLITS = ("train", "val", "test")
 PREDICTIONS_FILE = "predictions.csv"
@@ -173,7 +176,9 @@ class SceneImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: SampleKey) -> dict:
+        index, seed = sample_key(key)
+        seed_transform(self.transform, seed)  # the same flips, rotation and jitter whenever this draw recurs
         image = self.transform(image=read_rgb(self.class_root / self.files[index]))["image"]
         return {"image": to_tensor(image), "label": self.labels[index], "name": self.files[index]}
 
@@ -291,9 +296,8 @@ class SceneClassificationDataModule(BaseDataModule):
         if stage == "predict":
             if self.predict_dir is None:
                 raise DatasetNotFoundError("--data.predict_dir", "predict needs a folder of images")
-            if self.predict_output_dir is not None and (Path(self.predict_output_dir) / PREDICTIONS_FILE).exists():
-                raise OutputExistsError(Path(self.predict_output_dir) / PREDICTIONS_FILE, "already exists; choose another --data.predict_output_dir")
             self.datasets["predict"] = ImageListDataset(Path(self.predict_dir), eval_transform(self.image_size))
+            self.prediction_paths([predictions_file()])  # refuse an existing table before predicting
             self.dataset_name = Path(self.predict_dir).name
             return  # the task hands over the class names it was trained on (on_predict_start)
         class_root, splits = self._splits()
@@ -313,15 +317,21 @@ class SceneClassificationDataModule(BaseDataModule):
 
     def write_prediction(self, prediction: torch.Tensor, names: list[str]) -> None:
         """Append ``name,class,probability`` rows (class probabilities in, top class out) to
-        ``<predict_output_dir>/predictions.csv``."""
-        if self.predict_output_dir is None:
-            raise DatasetNotFoundError("--data.predict_output_dir", "predict needs an output folder")
-        path = Path(self.predict_output_dir) / PREDICTIONS_FILE
+        ``predictions.csv``, staged and moved into ``predict_output_dir`` when predict succeeds."""
+        (path,) = self.prediction_paths([predictions_file()])
         path.parent.mkdir(parents=True, exist_ok=True)
         confidence, top = prediction.detach().float().cpu().max(dim=1)
         new = not path.exists()
-        with path.open("a") as handle:
+        with path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
             if new:
-                handle.write("name,class,probability\n")
+                writer.writerow(["name", "class", "probability"])
             for name, k, p in zip(names, top.tolist(), confidence.tolist()):
-                handle.write(f"{name},{self.class_names[k]},{p:.6f}\n")
+                writer.writerow([name, self.class_names[k], f"{p:.6f}"])
+
+
+def predictions_file() -> str:
+    """``predictions.csv``; under DDP each process writes its own share, ``predictions.rank<r>.csv``."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f"predictions.rank{dist.get_rank()}.csv"
+    return PREDICTIONS_FILE

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from data.builtin_scenes import CLASSES, render_scene, write_builtin_scenes
-from data.errors import DatasetNotFoundError, EmptyDatasetError, LayoutError, SplitError, UnreadableFileError
+from data.errors import DatasetNotFoundError, EmptyDatasetError, LayoutError, OutputExistsError, SplitError, UnreadableFileError
 from data.scene_folders import (
     SceneClassificationDataModule,
     find_class_root,
@@ -122,11 +122,13 @@ def test_batches_hold_resized_images_in_unit_range_labels_and_names(dataset, tmp
         assert dm.class_names[label] == name.split("/")[0]
 
 
-def test_training_augmentation_varies_but_evaluation_is_repeatable(dataset, tmp_path):
+def test_training_augmentation_follows_the_draws_seed_and_evaluation_is_repeatable(dataset, tmp_path):
     dm = _module(dataset, tmp_path)
     dm.setup("fit")
-    first, second = dm.datasets["train"][0]["image"], dm.datasets["train"][0]["image"]
-    assert not torch.equal(first, second)
+    train = dm.datasets["train"]
+    first, again, other = train[(0, 11)]["image"], train[(0, 11)]["image"], train[(0, 12)]["image"]
+    torch.testing.assert_close(first, again)  # a resumed fit replays the same augmentation
+    assert not torch.equal(first, other)
     torch.testing.assert_close(dm.datasets["val"][0]["image"], dm.datasets["val"][0]["image"])
 
 
@@ -138,8 +140,12 @@ def test_predict_lists_a_folder_and_writes_one_csv(dataset, tmp_path):
     batch = next(iter(dm.predict_dataloader()))
     probs = torch.tensor([[0.1, 0.7, 0.2]]).expand(len(batch["name"]), 3)
     dm.write_prediction(probs, batch["name"])
+    assert not (out / "predictions.csv").exists()  # staged until predict succeeds
+    dm.finish_predictions()
     lines = (out / "predictions.csv").read_text().splitlines()
     assert lines[0] == "name,class,probability" and lines[1] == "beach_00.png,forest,0.700000"
+    with pytest.raises(OutputExistsError, match="predictions.csv"):
+        dm.setup("predict")
 
 
 # -- errors name what is wrong ------------------------------------------------------------------
