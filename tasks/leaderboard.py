@@ -278,9 +278,12 @@ def run_leaderboard(runs: list[str], output: str) -> list[Path]:
     A baseline is listed once per task and dataset, however many runs share that test split.
     """
     rows: list[dict] = []
+    baselines_seen: set[tuple[str, str, str]] = set()
     for row in (row for spec in runs for row in evaluate_run(spec)):
-        key = (row["task"], row["method"], row["dataset"])
-        if row["checkpoint"] is None and any(r["checkpoint"] is None and (r["task"], r["method"], r["dataset"]) == key for r in rows):
-            continue
+        if row["checkpoint"] is None:  # a baseline row: identical for every run on this split
+            key = (row["task"], row["method"], row["dataset"])
+            if key in baselines_seen:
+                continue
+            baselines_seen.add(key)
         rows.append(row)
     return write_leaderboard(rows, output)
