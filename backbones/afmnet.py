@@ -720,10 +720,10 @@ def _create_afmnet(variant: str, pretrained: bool = False, **kwargs) -> AFMNet:
 
 @register_model
 def afmnet_tiny(pretrained: bool = False, **kwargs) -> AFMNet:
-    """A laptop-CPU AFM-Net (about 0.3 M parameters) for the built-in data and the tests: a
-    four-stage ResNet of one basic block per stage (16-128 channels), a 48-wide Mamba branch of
-    one block per stage, fusion blocks without the per-branch enhancement, 32-wide fused levels,
-    and 8 experts (top 2) plus one shared expert."""
+    """A laptop-CPU AFM-Net (0.86 M parameters, 0.22 M of them experts) for the built-in data and
+    the tests: a four-stage ResNet of one basic block per stage (16-128 channels), a 48-wide Mamba
+    branch of one block per stage, fusion blocks without the per-branch enhancement, 32-wide fused
+    levels, and 8 experts (top 2) plus one shared expert."""
     model_args = dict(
         img_size=64, cnn_model="resnet18", cnn_kwargs=dict(layers=[1, 1, 1, 1], channels=(16, 32, 64, 128), stem_width=16),
         embed_dim=48, mamba_depths=(1, 1, 1, 1), d_state=8, adapter_dim=24, fusion_dim=32, enhance_branches=False,
@@ -743,5 +743,5 @@ def afmnet_base(pretrained: bool = False, **kwargs) -> AFMNet:
     """AFM-Net as the paper trains it: ResNet-50 CNN branch; Mamba branch of patch 16, width 192,
     state 16, ten blocks; adapters 128 wide, fused levels 256; and the official code's MoE
     (64 routed SwiGLU experts of width 1408, top 6, two shared). The experts dominate the
-    parameter count (about 280 M of it, most of the model) but only 6 of 64 are used per image."""
+    parameter count (286 M of 326 M at 45 classes) but only 6 of 64 are used per image."""
     return _create_afmnet("afmnet_base", pretrained, **dict(dict(cnn_model="resnet50"), **kwargs))
