@@ -30,5 +30,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from data.base import BaseDataModule  # noqa: E402
 from data.errors import DatasetError  # noqa: E402
 from data.lol import LowLightDataModule  # noqa: E402
+from data.scene_folders import SceneClassificationDataModule  # noqa: E402
 
-__all__ = ["BaseDataModule", "DatasetError", "LowLightDataModule"]
+__all__ = ["BaseDataModule", "DatasetError", "LowLightDataModule", "SceneClassificationDataModule"]

@@ -52,3 +52,8 @@ class LabelRangeError(DatasetError):
 
 class OutputExistsError(DatasetError):
     """Writing would overwrite an existing file; nothing is overwritten silently."""
+
+
+class SplitError(DatasetError):
+    """A train / val / test split is unusable: a class with no image in a split, an image listed
+    twice, or a listed file outside the class folders."""

@@ -10,8 +10,9 @@ A task subclass supplies:
 * ``configure_metrics()``: a torchmetrics ``MetricCollection``, cloned per split;
 * the export contract: ``inference_module()``, ``example_input()``, ``check_input()``,
   ``input_names``, ``output_names``, ``dynamic_axes`` and ``export_atol``;
-* for the leaderboard: ``baselines()`` (classical methods scored on the same split),
-  ``method_name`` and ``backbone_name``.
+* for the leaderboard: ``baselines()`` (classical methods scored on the same split; those that
+  learn from the training split are fitted in ``fit_baselines(datamodule)``), ``method_name``
+  and ``backbone_name``.
 """
 
 from __future__ import annotations
@@ -205,6 +206,10 @@ class BaseTask(pl.LightningModule, ABC):
     @property
     def backbone_name(self) -> str:
         return "-"
+
+    def fit_baselines(self, datamodule: Any) -> None:
+        """Fit the classical baselines that learn from data (e.g. a nearest-neighbour classifier)
+        on ``datamodule``'s training split; the leaderboard calls it before ``baselines()``."""
 
     def baselines(self) -> dict[str, Callable[[dict], Any]]:
         """Classical methods scored on the same split: name -> function(batch) -> prediction,

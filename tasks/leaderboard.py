@@ -134,6 +134,7 @@ def evaluate_run(spec: str | Path) -> list[dict[str, Any]]:
             "figures": figures,
         }
     ]
+    task.fit_baselines(datamodule)
     for name, baseline in task.baselines().items():
         rows.append(
             {
@@ -272,6 +273,17 @@ def write_leaderboard(rows: list[dict], output: str | Path) -> list[Path]:
 
 
 def run_leaderboard(runs: list[str], output: str) -> list[Path]:
-    """Evaluate every run and write the tables; returns the written paths."""
-    rows = [row for spec in runs for row in evaluate_run(spec)]
+    """Evaluate every run and write the tables; returns the written paths.
+
+    A baseline is listed once per task and dataset, however many runs share that test split.
+    """
+    rows: list[dict] = []
+    baselines_seen: set[tuple[str, str, str]] = set()
+    for row in (row for spec in runs for row in evaluate_run(spec)):
+        if row["checkpoint"] is None:  # a baseline row: identical for every run on this split
+            key = (row["task"], row["method"], row["dataset"])
+            if key in baselines_seen:
+                continue
+            baselines_seen.add(key)
+        rows.append(row)
     return write_leaderboard(rows, output)
