@@ -52,3 +52,7 @@ class LabelRangeError(DatasetError):
 
 class OutputExistsError(DatasetError):
     """Writing would overwrite an existing file; nothing is overwritten silently."""
+
+
+class IntensityRangeError(DatasetError):
+    """An image's values lie outside the range its format promises (CT not windowed to [0, 1])."""
