@@ -213,6 +213,9 @@ class SynapseSlices(Dataset):
         image, label, path = self.slices[index].load()
         image = check_image(image, path, ndim=2)
         label = check_label(label, image, path, self.num_classes)
+        # albumentations keeps its own random state, blind to seed_everything; drawing its seed from
+        # torch's generator (seeded by Lightning, and per loader worker) makes the run repeatable
+        self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
         out = self.transform(image=image, mask=label.astype(np.uint8))
         return {
             "image": torch.from_numpy(np.clip(out["image"], 0.0, 1.0)).float().unsqueeze(0),

@@ -107,7 +107,8 @@ class TransDAEDecoder(nn.Module):
     Args:
         channels / reductions: per encoder stage, finest first (from ``feature_info``).
         num_classes: output classes (background included).
-        dims: decoder width per scale (default: the encoder's widths, as in DAE-Former).
+        dims: decoder width per scale, finest first, one fewer than the encoder's stages
+            (default: the encoder's widths at those scales, as in DAE-Former).
         depth: dual-attention blocks per scale (DAE-Former: 2).
         channel_heads: heads of their channel attention; ``sr_ratios`` their spatial reduction.
     """
@@ -124,13 +125,15 @@ class TransDAEDecoder(nn.Module):
         mlp_ratio: float = 4.0,
     ):
         super().__init__()
-        dims = list(dims or channels)
-        sr_ratios = list(sr_ratios or [1] * len(channels))
-        if not (len(dims) == len(sr_ratios) == len(channels)):
-            raise ValueError(f"decoder dims {dims} and sr_ratios {sr_ratios} need one entry per encoder stage ({len(channels)})")
         levels = len(channels)
+        dims = list(dims or channels[:-1]) + [channels[-1]]
+        sr_ratios = list(sr_ratios or [1] * (levels - 1))
+        if not (len(dims) == levels and len(sr_ratios) == levels - 1):
+            raise ValueError(
+                f"decoder dims {dims[:-1]} and sr_ratios {sr_ratios} need one entry per decoder scale ({levels - 1})"
+            )
         self.expand = nn.ModuleList(
-            PatchExpand(channels[-1] if i == levels - 2 else dims[i + 1], dims[i], _scale(reductions[i + 1], reductions[i]))
+            PatchExpand(dims[i + 1], dims[i], _scale(reductions[i + 1], reductions[i]))
             for i in range(levels - 1)
         )
         self.interaction = nn.ModuleList(InterScaleInteraction(dims[i], channels[i], dims[i]) for i in range(levels - 1))
@@ -143,7 +146,7 @@ class TransDAEDecoder(nn.Module):
             )
             for i in range(levels - 1)
         )
-        self.final_expand = PatchExpand(dims[0] if levels > 1 else channels[0], dims[0], reductions[0])
+        self.final_expand = PatchExpand(dims[0], dims[0], reductions[0])
         self.head = nn.Conv2d(dims[0], num_classes, 1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -176,15 +179,15 @@ class UNetDecoder(nn.Module):
 
     def __init__(self, channels: Sequence[int], reductions: Sequence[int], num_classes: int, dims: Optional[Sequence[int]] = None):
         super().__init__()
-        dims = list(dims or channels)
-        if len(dims) != len(channels):
-            raise ValueError(f"decoder dims {dims} need one entry per encoder stage ({len(channels)})")
         levels = len(channels)
+        dims = list(dims or channels[:-1]) + [channels[-1]]
+        if len(dims) != levels:
+            raise ValueError(f"decoder dims {dims[:-1]} need one entry per decoder scale ({levels - 1})")
         self.scales = [_scale(reductions[i + 1], reductions[i]) for i in range(levels - 1)] + [reductions[0]]
         self.blocks = nn.ModuleList(
-            ConvBlock((channels[-1] if i == levels - 2 else dims[i + 1]) + channels[i], dims[i]) for i in range(levels - 1)
+            ConvBlock(dims[i + 1] + channels[i], dims[i]) for i in range(levels - 1)
         )
-        self.final = ConvBlock(dims[0] if levels > 1 else channels[0], dims[0])
+        self.final = ConvBlock(dims[0], dims[0])
         self.head = nn.Conv2d(dims[0], num_classes, 1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -209,7 +212,8 @@ class SegmentationNetwork(nn.Module):
         backbone_kwargs: passed to ``timm.create_model`` (``out_indices``, widths, ``in_chans`` ...).
         decoder: ``"transdae"`` (inter-scale interaction + dual attention) or ``"unet"``.
         num_classes: classes including background (Synapse: 9).
-        decoder_dims: decoder width per encoder stage (default: the encoder's widths).
+        decoder_dims: decoder width per decoder scale, finest first (one fewer than the encoder's
+            stages; default: the encoder's widths there).
         decoder_depth / decoder_channel_heads / decoder_sr_ratios: TransDAE decoder blocks.
         pretrained: load the backbone's timm weights (TransDAE trains from scratch).
     """
@@ -245,7 +249,9 @@ class SegmentationNetwork(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         height, width = image.shape[-2:]
         m = self.pad_multiple
-        x = F.pad((image - 0.5) / 0.5, (0, (m - width % m) % m, 0, (m - height % m) % m), mode="replicate")
+        # ceil to a multiple by floor division: the exporter's shape solver simplifies it, a modulo it cannot
+        padded_height, padded_width = (height + m - 1) // m * m, (width + m - 1) // m * m
+        x = F.pad((image - 0.5) / 0.5, (0, padded_width - width, 0, padded_height - height), mode="replicate")
         if self.in_chans != x.shape[1]:
             x = x.expand(-1, self.in_chans, -1, -1)
         logits = self.decoder(self.encoder(x))

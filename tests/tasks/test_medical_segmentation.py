@@ -141,6 +141,13 @@ def test_decoders_run_on_different_encoders_at_any_size(backbone, kwargs, decode
     assert all(p.grad is not None for p in network.decoder.parameters())
 
 
+def test_decoder_widths_need_one_entry_per_decoder_scale():
+    network = SegmentationNetwork("test_resnet", decoder="unet", num_classes=3, decoder_dims=(4, 8, 8, 16))
+    assert network(torch.rand(2, 1, 32, 32)).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="one entry per decoder scale"):
+        SegmentationNetwork("test_resnet", decoder="transdae", decoder_dims=(8, 8, 16, 16, 32))
+
+
 def test_soft_dice_loss_by_hand():
     target = torch.tensor([[[0, 1], [1, 1]]])
     perfect = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).float() * 100
