@@ -154,8 +154,9 @@ class Phantom:
         ax, ay = self.body_axes[0] * shrink, self.body_axes[1] * shrink
         return ((self.x / ax) ** 2 + ((self.y - 0.04) / ay) ** 2) < radius**2
 
-    def _solid(self, name: str, z: float, shrink: float = 1.0, solid: Solid | None = None) -> np.ndarray:
-        solid = solid or self.organs[name]
+    def _solid(self, name: str, z: float, shrink: float = 1.0) -> np.ndarray:
+        """The cross-section of organ ``name`` on the slice at ``z`` (``shrink`` < 1: an inner part)."""
+        solid = self.organs[name]
         t = (z - solid.z_centre) / solid.z_half
         if abs(t) >= 1:
             return np.zeros_like(self.x, dtype=bool)
@@ -174,13 +175,14 @@ class Phantom:
         return radius < profile * shrink * np.maximum(wobble, 0.5)
 
     def _pancreas(self, z: float) -> np.ndarray:
+        """A tube around a Bezier curve; the tail rises towards the splenic hilum, so lower slices
+        hold less of the tail and higher ones less of the head."""
         z_centre, z_half = self.pancreas_z
         t_z = (z - z_centre) / z_half
         if abs(t_z) >= 1:
             return np.zeros_like(self.x, dtype=bool)
         points = np.asarray(PANCREAS_CURVE) + self.pancreas_shift
         s = np.linspace(0.0, 1.0, 48)
-        # the tail rises towards the splenic hilum: fewer tail points on lower slices
         curve = _bezier(points, s)
         thickness = np.interp(s, np.linspace(0, 1, len(PANCREAS_THICKNESS)), PANCREAS_THICKNESS)
         keep = s <= 1.0 - 0.6 * max(t_z, 0.0)
@@ -217,10 +219,8 @@ class Phantom:
                     put(np.hypot(self.x - cx, self.y - cy) < 0.65 * r, "bowel content")
                     if cy < -0.2:  # anterior loops hold gas
                         put(loop & (self.y < cy - 0.3 * r) & (np.hypot(self.x - cx, self.y - cy) < 0.65 * r), "air")
-            liver = self._solid("liver", z)
-            put(liver, "liver", 5)
-            stomach = self._solid("stomach", z)
-            put(stomach, "stomach wall", 8)
+            put(self._solid("liver", z), "liver", 5)
+            put(self._solid("stomach", z), "stomach wall", 8)
             lumen = self._solid("stomach", z, 0.78)
             put(lumen, "stomach content", 8)
             if self.stomach_gas:
@@ -242,9 +242,9 @@ class Phantom:
         strengths = np.array([TISSUE_HU[t][2] for t in tissues], np.float32)
         texture = self._texture(hu.shape)
         hu[:] = means[tissue_index] + strengths[tissue_index] * texture
-        self.coordinates = self._displacement(hu.shape)
-        hu = self._deform(hu, order=1)
-        label = self._deform(label, order=0)
+        coordinates = self._displacement(hu.shape)  # one smooth warp for image and labels
+        hu = map_coordinates(hu, coordinates, order=1, mode="nearest")
+        label = map_coordinates(label, coordinates, order=0, mode="nearest")
         hu = gaussian_filter(hu, sigma=(0.0, 0.6, 0.6))  # the scanner's point-spread function
         hu += self.rng.normal(0.0, self.rng.uniform(8.0, 16.0), hu.shape).astype(np.float32)  # quantum noise
         return hu, label
@@ -272,12 +272,9 @@ class Phantom:
         texture = fine / (fine.std() + 1e-8) + 0.7 * coarse / (coarse.std() + 1e-8)
         return (texture / texture.std()).astype(np.float32)
 
-    def _deform(self, volume: np.ndarray, order: int) -> np.ndarray:
-        """Warp by the case's smooth in-plane displacement (patients are not ellipses)."""
-        return map_coordinates(volume, self.coordinates, order=order, mode="nearest").astype(volume.dtype)
-
     def _displacement(self, shape: tuple[int, int, int]) -> np.ndarray:
-        """Sampling coordinates of a smooth random in-plane displacement of about 3 % of the field."""
+        """Sampling coordinates of a smooth random in-plane displacement of about 3 % of the field
+        (patients are not ellipses)."""
         d, h, w = shape
         coordinates = np.stack(np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")).astype(np.float32)
         for axis in (1, 2):

@@ -145,7 +145,7 @@ class CaseAverage(Metric):
         self.values.append(values.detach().float().reshape(len(index.reshape(-1)), -1))
 
     def compute(self) -> torch.Tensor:
-        if not self.index:
+        if isinstance(self.index, list) and not self.index:  # no case seen (after a sync it is a tensor)
             return torch.tensor(math.nan)
         index, values = dim_zero_cat(self.index), dim_zero_cat(self.values)
         order = torch.argsort(index, stable=True)

@@ -176,8 +176,8 @@ class MedicalSegmentation(BaseTask):
                 spacing=spacing.tolist(),
                 convention=self.hparams.metric_convention,
             )
-            dice.append(torch.from_numpy(case_dice))
-            hd95.append(torch.from_numpy(case_hd95))
+            dice.append(torch.from_numpy(case_dice).float())  # float32: some devices have no float64
+            hd95.append(torch.from_numpy(case_hd95).float())
         device = prediction.device
         metrics.update(index=batch["index"].to(device), dice=torch.stack(dice).to(device), hd95=torch.stack(hd95).to(device))
 

@@ -118,6 +118,19 @@ def test_case_average_means_over_cases_then_organs_and_counts_a_repeated_case_on
     assert undefined.compute().item() == pytest.approx((3.0 + 6.0) / 2)
 
 
+def test_case_average_pools_the_cases_of_every_process():
+    # what a second DDP process holds: case 1 again (the sampler's padding) and case 2
+    other = {torch.long: torch.tensor([1, 2]), torch.float32: torch.tensor([[0.5, 1.0], [0.0, 0.5]])}
+
+    def all_gather(tensor, group=None):
+        return [tensor, other[tensor.dtype]]
+
+    metric = CaseAverage("dice", dist_sync_fn=all_gather, distributed_available_fn=lambda: True)
+    metric.update(torch.tensor([0, 1]), torch.tensor([[1.0, 0.0], [0.5, 1.0]]), torch.zeros(2, 2))
+    per_organ = [(1.0 + 0.5 + 0.0) / 3, (0.0 + 1.0 + 0.5) / 3]
+    assert metric.compute().item() == pytest.approx(sum(per_organ) / 2)
+
+
 # -- networks ------------------------------------------------------------------------------------
 
 
