@@ -58,6 +58,7 @@ from data.errors import (
     UnreadableFileError,
 )
 from data.nifti_volumes import LABEL_MAPS, NiftiCase, is_nifti, pair_cases
+from data.sampling import SampleKey, sample_key, seed_transform
 
 ORGANS = ("aorta", "gallbladder", "left kidney", "right kidney", "liver", "pancreas", "spleen", "stomach")
 LAYOUTS = ("auto", "transunet", "nifti")
@@ -209,13 +210,14 @@ class SynapseSlices(Dataset):
     def __len__(self) -> int:
         return len(self.slices)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: SampleKey) -> dict:
+        index, seed = sample_key(key)
         image, label, path = self.slices[index].load()
         image = check_image(image, path, ndim=2)
         label = check_label(label, image, path, self.num_classes)
-        # albumentations keeps its own random state, blind to seed_everything; drawing its seed from
-        # torch's generator (seeded by Lightning, and per loader worker) makes the run repeatable
-        self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        # every flip, affine and deformation of this draw comes from its own seed, so a resumed
+        # fit (or another DDP rank layout) augments it exactly as before
+        seed_transform(self.transform, seed)
         out = self.transform(image=image, mask=label.astype(np.uint8))
         return {
             "image": torch.from_numpy(np.clip(out["image"], 0.0, 1.0)).float().unsqueeze(0),
