@@ -249,10 +249,15 @@ class SegmentationNetwork(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         height, width = image.shape[-2:]
         m = self.pad_multiple
-        # ceil to a multiple by floor division: the exporter's shape solver simplifies it, a modulo it cannot
+        # Edge replication and the crop back are index look-ups (clamped and plain ranges) rather
+        # than F.pad and slicing: their sizes are exact for any size, so the exporter keeps the
+        # axes dynamic without having to prove that the padding is never negative.
         padded_height, padded_width = (height + m - 1) // m * m, (width + m - 1) // m * m
-        x = F.pad((image - 0.5) / 0.5, (0, padded_width - width, 0, padded_height - height), mode="replicate")
+        rows = torch.arange(padded_height, device=image.device).clamp(max=height - 1)
+        cols = torch.arange(padded_width, device=image.device).clamp(max=width - 1)
+        x = ((image - 0.5) / 0.5).index_select(-2, rows).index_select(-1, cols)
         if self.in_chans != x.shape[1]:
             x = x.expand(-1, self.in_chans, -1, -1)
         logits = self.decoder(self.encoder(x))
-        return logits[..., :height, :width]
+        device = logits.device
+        return logits.index_select(-2, torch.arange(height, device=device)).index_select(-1, torch.arange(width, device=device))

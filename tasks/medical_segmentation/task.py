@@ -219,6 +219,13 @@ class MedicalSegmentation(BaseTask):
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {"image": {0: "batch", 2: "height", 3: "width"}}
 
+    @property
+    def dynamic_axis_min(self) -> dict[str, int]:
+        # the deepest feature map must keep at least two rows and columns: the exporter can only
+        # keep the axes dynamic for the reshapes of attention where no side collapses to one
+        side = self.network.pad_multiple + 1
+        return {"height": side, "width": side}
+
     def inference_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
         """The middle slice of each test volume, at the training size (what the graph sees)."""
         volumes = batch["image"]

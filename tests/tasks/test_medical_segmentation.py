@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tasks.medical_segmentation import MedicalSegmentation
 from tasks.medical_segmentation.metrics import CaseAverage, case_scores, dice_coefficient, hd95
@@ -152,6 +153,19 @@ def test_decoders_run_on_different_encoders_at_any_size(backbone, kwargs, decode
     logits.square().mean().backward()
     assert image.grad is not None and image.grad.abs().sum() > 0
     assert all(p.grad is not None for p in network.decoder.parameters())
+
+
+def test_slices_of_any_size_are_edge_padded_to_the_stride_and_cropped_back():
+    torch.manual_seed(0)
+    network = SegmentationNetwork("transdae_tiny", TINY["backbone_kwargs"], num_classes=3, decoder_depth=1, decoder_channel_heads=2)
+    network.eval()
+    image = torch.rand(1, 1, 29, 43)
+    # the reference: F.pad's replicate mode to the next multiple of the largest stride, then a crop
+    m = network.pad_multiple
+    padded = F.pad((image - 0.5) / 0.5, (0, -43 % m, 0, -29 % m), mode="replicate")
+    with torch.no_grad():
+        expected = network.decoder(network.encoder(padded))[..., :29, :43]
+        torch.testing.assert_close(network(image), expected)
 
 
 def test_decoder_widths_need_one_entry_per_decoder_scale():
