@@ -5,7 +5,7 @@ Batches are dicts with fixed keys. Shapes (B = batch, C = channels, T = frames, 
 =================  ============================  =============================================
 key                shape / type                  meaning
 =================  ============================  =============================================
-``image``          (B, C, H, W) float in [0, 1]  network input (for low light: the dark image)
+``image``          (B, C, H, W) float in [0, 1]  network input (for low light: the dark image; CT volumes: (B, D, H, W))
 ``target``         (B, C, H, W) float in [0, 1]  image-to-image reference (the well-lit image)
 ``mask``           (B, H, W) int64               per-pixel class index
 ``label``          (B,) int64                    per-image class index
@@ -19,6 +19,8 @@ key                shape / type                  meaning
 ``correspondences`` (B, K, 2) int64              index pairs into src / tgt
 ``transform``      (B, 4, 4) float               rigid transform taking src onto tgt
 ``name``           list[str]                     file name of each sample (for writing outputs)
+``spacing``        (B, 3) float                  voxel size (z, y, x) of a volume; ones when unknown
+``index``          (B,) int64                    a sample's position in its split (de-duplicates DDP padding)
 =================  ============================  =============================================
 """
 
@@ -33,3 +35,6 @@ from data.lol import LowLightDataModule  # noqa: E402
 from data.scene_folders import SceneClassificationDataModule  # noqa: E402
 
 __all__ = ["BaseDataModule", "DatasetError", "LowLightDataModule", "SceneClassificationDataModule"]
+from data.synapse import SynapseDataModule  # noqa: E402
+
+__all__ = ["BaseDataModule", "DatasetError", "LowLightDataModule", "SynapseDataModule"]

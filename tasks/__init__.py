@@ -5,3 +5,6 @@ from tasks.low_light import LowLightEnhancement
 from tasks.scene_classification import SceneClassification
 
 __all__ = ["BaseTask", "LowLightEnhancement", "SceneClassification"]
+from tasks.medical_segmentation import MedicalSegmentation
+
+__all__ = ["BaseTask", "LowLightEnhancement", "MedicalSegmentation"]

@@ -202,6 +202,12 @@ class BaseTask(pl.LightningModule, ABC):
         """Named dynamic axes per input, e.g. ``{"image": {0: "batch", 2: "height"}}``."""
         return {name: {0: "batch"} for name in self.input_names}
 
+    @property
+    def dynamic_axis_min(self) -> dict[str, int]:
+        """Smallest size of named dynamic axes, where the graph needs one (e.g. a map that a
+        reshape merges must not shrink to a single row); axes not named start at PyTorch's default."""
+        return {}
+
     # -- leaderboard contract ----------------------------------------------------------------
     @property
     def backbone_name(self) -> str:

@@ -33,7 +33,7 @@ def export_onnx(task: BaseTask, output: str | Path, opset: int = 20) -> float:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     module = task.inference_module().eval().cpu()
-    dims = {}
+    dims = {label: torch.export.Dim(label, min=size) for label, size in task.dynamic_axis_min.items()}
     dynamic_shapes = {}
     for name, axes in task.dynamic_axes.items():
         dynamic_shapes[name] = {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
