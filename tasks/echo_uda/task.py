@@ -1,0 +1,273 @@
+"""GraphEcho: echocardiogram video segmentation with unsupervised domain adaptation.
+
+Paper: J. Yang, X. Ding, Z. Zheng, X. Xu, X. Li, "GraphEcho: Graph-Driven Unsupervised Domain
+Adaptation for Echocardiogram Video Segmentation", ICCV 2023 (arXiv:2309.11145); official code
+xmed-lab/GraphEcho. One training step (Sec. 3, Fig. 2):
+
+1. labelled source clips and unlabelled target clips go through the frame segmentor
+   (``segmentor.FPNSegmentor``); the source's annotated frames get the segmentation loss,
+   Dice + BCE on one-hot masks (weights 1 and 1, as the official CardiacUDA script);
+2. SCGM (``graph_matching``) matches the structures' graph nodes across domains, with confident
+   target predictions as pseudo-masks, and four pyramid-level discriminators align the
+   features adversarially (weight 0.1 each);
+3. TCC (``temporal_cycle``) asks the frames of one heartbeat to find their counterparts in the
+   next, in every clip (on by default; the official code ships it switched off).
+
+Evaluation segments every frame of the target's test videos and reports Dice per structure and
+its mean, pooled over pixels (``dice*``) and per video (``video_dice``), background excluded
+(``metrics``). ``adaptation`` switches the parts on and off, for the ablations the paper reports:
+``none`` (source only, or the target-supervised upper bound when the datamodule's source is the
+target), ``scgm``, ``tcc``, ``full``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchvision.utils import make_grid
+
+from tasks.base import BaseTask
+from tasks.echo_uda.graph_matching import FeatureDiscriminator, SpatialCrossDomainGraphMatching
+from tasks.echo_uda.metrics import PooledDice, VideoDice
+from tasks.echo_uda.segmentor import FPNSegmentor, SegmentFrames
+from tasks.echo_uda.temporal_cycle import FrameEmbedder, cycle_back_loss
+
+ADAPTATIONS = ("none", "scgm", "tcc", "full")
+#: overlay colours of structures 1, 2, ... (LV red, LA green, RA blue, RV yellow for CardiacUDA)
+COLOURS = ((0.9, 0.2, 0.2), (0.2, 0.85, 0.3), (0.25, 0.45, 1.0), (0.95, 0.85, 0.2), (0.8, 0.3, 0.9), (0.2, 0.85, 0.85))
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, dice_weight: float = 1.0, bce_weight: float = 1.0) -> torch.Tensor:
+    """The official CardiacUDA loss: soft Dice (softmax over channels, squared denominator,
+    smooth 1, per frame, averaged over every channel) + BCE of the logits with one-hot masks.
+    (The official Dice numerator lacks the factor 2, which bounds that loss below by 0.5 and
+    halves its gradient; this is the standard V-Net form.)"""
+    one_hot = F.one_hot(masks, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
+    probability = logits.softmax(dim=1).flatten(2)
+    target = one_hot.flatten(2)
+    dice = 1 - (2 * (probability * target).sum(-1) + 1) / ((probability.pow(2) + target.pow(2)).sum(-1) + 1)
+    return dice_weight * dice.mean() + bce_weight * F.binary_cross_entropy_with_logits(logits, one_hot)
+
+
+def overlay(frame: torch.Tensor, labels: torch.Tensor, alpha: float = 0.45) -> torch.Tensor:
+    """A grey frame (H, W) in [0, 1] as RGB with structure ``labels`` (H, W) tinted."""
+    rgb = frame.float().clamp(0, 1).expand(3, *frame.shape).clone()
+    for index, colour in enumerate(COLOURS, start=1):
+        region = labels == index
+        if region.any():
+            tint = torch.tensor(colour, device=rgb.device).view(3, 1)
+            rgb[:, region] = (1 - alpha) * rgb[:, region] + alpha * tint
+    return rgb
+
+
+class EchoVideoSegmentation(BaseTask):
+    """GraphEcho on source/target echo clips (see the module docstring).
+
+    Args:
+        structures: structure names, in output-channel order after background (must match the
+            datamodule's).
+        adaptation: ``full`` (SCGM + TCC), ``scgm``, ``tcc`` or ``none``.
+        method_name: the leaderboard row's name (e.g. ``GraphEcho``, ``source only``).
+        backbone, backbone_kwargs: timm backbone (``features_only``) or ``None`` for EchoCNN.
+        fpn_dim, semantic_dim: FPN and semantic-branch channels (256 and 128 in the paper).
+        dice_weight, bce_weight: segmentation loss terms.
+        nodes_per_level, bg_ratio, node_weight, matching_weight, quadratic_weight,
+            node_discriminator_weight, reversal_strength, sinkhorn_iterations: SCGM, as
+            ``SpatialCrossDomainGraphMatching`` (official values by default).
+        feature_discriminator_weight: weight of each pyramid level's adversarial loss (0.1).
+        discriminator_layers: conv-GN-ReLU layers of each feature discriminator (4).
+        pseudo_threshold: target pixels whose top class probability is below this give no node.
+        graph_frames: frames per domain that SCGM and the discriminators see per step, drawn at
+            random from the annotated source frames and all target frames (``None``: all; the
+            official code feeds 16 source and 8 target frames).
+        tcc_weight, tcc_temperature, tcc_embedding_dim: the cycle-back loss and its embedding.
+        tcc_split: first frame of the clip's second heartbeat (default: half the clip).
+        frames_per_forward: frames segmented at once at inference (bounds memory on long videos).
+        **kwargs: ``BaseTask`` arguments (optimiser, schedule, ``num_examples``).
+    """
+
+    monitor = "val_dice"
+    mode = "max"
+    task_name = "echo_uda"
+
+    def __init__(
+        self,
+        structures: Sequence[str] = ("LV", "LA", "RA", "RV"),
+        adaptation: str = "full",
+        method_name: str = "GraphEcho",
+        backbone: Optional[str] = None,
+        backbone_kwargs: Optional[dict] = None,
+        fpn_dim: int = 256,
+        semantic_dim: int = 128,
+        dice_weight: float = 1.0,
+        bce_weight: float = 1.0,
+        nodes_per_level: int = 100,
+        bg_ratio: int = 8,
+        node_weight: float = 1.0,
+        matching_weight: float = 0.1,
+        quadratic_weight: float = 1.0,
+        node_discriminator_weight: float = 0.1,
+        reversal_strength: float = 0.02,
+        sinkhorn_iterations: int = 20,
+        feature_discriminator_weight: float = 0.1,
+        discriminator_layers: int = 4,
+        pseudo_threshold: float = 0.5,
+        graph_frames: Optional[int] = None,
+        tcc_weight: float = 1.0,
+        tcc_temperature: float = 0.1,
+        tcc_embedding_dim: int = 128,
+        tcc_split: Optional[int] = None,
+        frames_per_forward: int = 64,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if adaptation not in ADAPTATIONS:
+            raise ValueError(f"adaptation must be one of {ADAPTATIONS}, got {adaptation!r}")
+        self.structures = list(structures)
+        self.num_classes = len(self.structures) + 1
+        self.method_name = method_name
+        self.use_scgm = adaptation in ("scgm", "full")
+        self.use_tcc = adaptation in ("tcc", "full")
+        self.segmentor = FPNSegmentor(self.num_classes, backbone, backbone_kwargs, 1, fpn_dim, semantic_dim)
+        if self.use_scgm:
+            self.graph_matching = SpatialCrossDomainGraphMatching(
+                fpn_dim,
+                self.num_classes,
+                nodes_per_level=nodes_per_level,
+                bg_ratio=bg_ratio,
+                node_weight=node_weight,
+                matching_weight=matching_weight,
+                quadratic_weight=quadratic_weight,
+                node_discriminator_weight=node_discriminator_weight,
+                reversal_strength=reversal_strength,
+                sinkhorn_iterations=sinkhorn_iterations,
+            )
+            self.feature_discriminators = nn.ModuleList(FeatureDiscriminator(fpn_dim, reversal_strength, discriminator_layers) for _ in range(4))
+        if self.use_tcc:
+            self.frame_embedder = FrameEmbedder(fpn_dim, tcc_embedding_dim)
+        self.setup_metrics()
+
+    # -- metrics -------------------------------------------------------------------------------
+    def configure_metrics(self) -> MetricCollection:
+        metrics = {"dice": PooledDice(self.num_classes), "video_dice": VideoDice(self.num_classes)}
+        for index, name in enumerate(self.structures, start=1):
+            metrics[f"dice_{name.lower()}"] = PooledDice(self.num_classes, index)
+        return MetricCollection(metrics)
+
+    # -- training ------------------------------------------------------------------------------
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.segmentor(frames)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        source, target = batch["source"], batch["target"]
+        clips, length = source["video"].shape[:2]
+        labelled = source["labelled"].flatten()
+        frames = source["video"].flatten(0, 1)
+        masks = source["mask"].flatten(0, 1)
+        # Frames no loss needs are not segmented: without TCC only the annotated source frames.
+        if not self.use_tcc:
+            frames = frames[labelled]
+        logits, pyramid = self.segmentor(frames)
+        if self.use_tcc:
+            logits, pyramid_labelled = logits[labelled], [p[labelled] for p in pyramid]
+        else:
+            pyramid_labelled = pyramid
+        losses = {"segmentation": segmentation_loss(logits, masks[labelled], self.hparams.dice_weight, self.hparams.bce_weight)}
+
+        if self.use_scgm or self.use_tcc:
+            target_frames = target["video"].flatten(0, 1)
+            pick_t = self._graph_frames(len(target_frames))
+            if not self.use_tcc:  # SCGM alone needs only the target frames it matches
+                target_frames, pick_t = target_frames[pick_t], torch.arange(len(pick_t), device=self.device)
+            target_logits, target_pyramid = self.segmentor(target_frames)
+        if self.use_scgm:
+            confidence, pseudo = target_logits.detach().softmax(1).max(1)
+            pseudo[confidence < self.hparams.pseudo_threshold] = -1
+            pick_s = self._graph_frames(len(masks[labelled]))
+            source_graph = [p[pick_s] for p in pyramid_labelled]
+            target_graph = [p[pick_t] for p in target_pyramid]
+            losses.update(self.graph_matching(source_graph, masks[labelled][pick_s], target_graph, pseudo[pick_t]))
+            weight = self.hparams.feature_discriminator_weight
+            for level, (discriminator, s, t) in enumerate(zip(self.feature_discriminators, source_graph, target_graph)):
+                losses[f"adversarial_p{level + 2}"] = weight * discriminator(s, t)
+        if self.use_tcc:
+            embeddings = self.frame_embedder(torch.cat([pyramid[-1], target_pyramid[-1]]))
+            clips_embedded = embeddings.view(-1, length, embeddings.shape[-1])
+            losses["tcc"] = self.hparams.tcc_weight * cycle_back_loss(
+                clips_embedded, self.hparams.tcc_temperature, self.hparams.tcc_split
+            )
+
+        loss = sum(losses.values()) + self._all_parameters_in_graph()
+        size = clips
+        self.log("train_loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict({f"train_{name}": value for name, value in losses.items()}, batch_size=size)
+        return loss
+
+    def _graph_frames(self, available: int) -> torch.Tensor:
+        """Indices of the frames SCGM sees: ``graph_frames`` of ``available`` at random, or all."""
+        limit = self.hparams.graph_frames
+        if limit is None or limit >= available:
+            return torch.arange(available, device=self.device)
+        return torch.randperm(available, device=self.device)[:limit]
+
+    def _all_parameters_in_graph(self) -> torch.Tensor:
+        """Zero that touches every parameter, so DDP (without ``find_unused_parameters``) can
+        reduce gradients in steps where a branch is skipped (a class without nodes, no target
+        node yet)."""
+        return sum(p.view(-1)[0] * 0.0 for p in self.parameters() if p.requires_grad)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def segment_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Structure index per pixel (T, H, W) of a (T, 1, H, W) video, in chunks of frames."""
+        chunk = self.hparams.frames_per_forward
+        return torch.cat([self.segmentor(video[i : i + chunk])[0].argmax(1) for i in range(0, len(video), chunk)])
+
+    def predict_batch(self, batch: dict) -> torch.Tensor:
+        return torch.stack([self.segment_video(video) for video in batch["video"]])
+
+    def update_metrics(self, metrics: MetricCollection, prediction: torch.Tensor, batch: dict) -> None:
+        for labels, mask, labelled in zip(prediction, batch["mask"], batch["labelled"]):
+            if labelled.any():
+                metrics.update(labels[labelled], mask[labelled])
+
+    def example_panels(self, batch: dict, prediction: torch.Tensor, frames: int = 6) -> list[torch.Tensor]:
+        """Per video: annotated frames through the cycle, ground truth (top) over prediction (bottom)."""
+        panels = []
+        for video, mask, labelled, labels in zip(batch["video"], batch["mask"], batch["labelled"], prediction):
+            annotated = torch.nonzero(labelled).flatten()
+            if len(annotated) == 0:
+                continue
+            picks = annotated[torch.linspace(0, len(annotated) - 1, min(frames, len(annotated))).round().long()]
+            tiles = [overlay(video[t, 0], mask[t]) for t in picks] + [overlay(video[t, 0], labels[t]) for t in picks]
+            panels.append(make_grid(tiles, nrow=len(picks), padding=2, pad_value=1.0))
+        return panels
+
+    # -- export --------------------------------------------------------------------------------
+    output_names = ("logits",)
+    export_atol = 1e-3
+
+    def inference_module(self) -> nn.Module:
+        return SegmentFrames(self.segmentor)
+
+    def inference_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        return (batch["video"][0],)
+
+    def example_input(self) -> tuple[torch.Tensor, ...]:
+        return (torch.rand(2, 1, 72, 88),)
+
+    def check_input(self) -> tuple[torch.Tensor, ...]:
+        return (torch.rand(3, 1, 64, 96),)
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {"image": {0: "batch", 2: "height", 3: "width"}}
+
+    # -- leaderboard ---------------------------------------------------------------------------
+    @property
+    def backbone_name(self) -> str:
+        return self.hparams.backbone or "EchoCNN"
