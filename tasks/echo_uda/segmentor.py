@@ -139,8 +139,9 @@ class FPNSegmentor(nn.Module):
 
 
 def group_count(channels: int) -> int:
-    """GroupNorm groups: 32 as in the paper where the channels allow, else the largest divisor <= 32."""
-    return max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+    """GroupNorm groups: 32 where the channels allow (as in the paper's discriminators), at least
+    two channels per group (so that a single 1 x 1 map still normalises)."""
+    return max(g for g in range(1, min(32, channels // 2) + 1) if channels % g == 0) if channels > 1 else 1
 
 
 class SegmentFrames(nn.Module):

@@ -86,6 +86,8 @@ class EchoVideoSegmentation(BaseTask):
             official code feeds 16 source and 8 target frames).
         tcc_weight, tcc_temperature, tcc_embedding_dim: the cycle-back loss and its embedding.
         tcc_split: first frame of the clip's second heartbeat (default: half the clip).
+        tcc_clips: which clips TCC sees: ``both`` domains, ``target`` or ``source`` only (CAMUS
+            half-sequences cover half a beat, so CAMUS -> EchoNet uses ``target``).
         frames_per_forward: frames segmented at once at inference (bounds memory on long videos).
         **kwargs: ``BaseTask`` arguments (optimiser, schedule, ``num_examples``).
     """
@@ -121,12 +123,15 @@ class EchoVideoSegmentation(BaseTask):
         tcc_temperature: float = 0.1,
         tcc_embedding_dim: int = 128,
         tcc_split: Optional[int] = None,
+        tcc_clips: str = "both",
         frames_per_forward: int = 64,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if adaptation not in ADAPTATIONS:
             raise ValueError(f"adaptation must be one of {ADAPTATIONS}, got {adaptation!r}")
+        if tcc_clips not in ("both", "target", "source"):
+            raise ValueError(f"tcc_clips must be both, target or source, got {tcc_clips!r}")
         self.structures = list(structures)
         self.num_classes = len(self.structures) + 1
         self.method_name = method_name
@@ -165,47 +170,54 @@ class EchoVideoSegmentation(BaseTask):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         source, target = batch["source"], batch["target"]
         clips, length = source["video"].shape[:2]
-        labelled = source["labelled"].flatten()
-        frames = source["video"].flatten(0, 1)
-        masks = source["mask"].flatten(0, 1)
-        # Frames no loss needs are not segmented: without TCC only the annotated source frames.
-        if not self.use_tcc:
-            frames = frames[labelled]
-        logits, pyramid = self.segmentor(frames)
-        if self.use_tcc:
-            logits, pyramid_labelled = logits[labelled], [p[labelled] for p in pyramid]
-        else:
-            pyramid_labelled = pyramid
-        losses = {"segmentation": segmentation_loss(logits, masks[labelled], self.hparams.dice_weight, self.hparams.bce_weight)}
+        tcc_source = self.use_tcc and self.hparams.tcc_clips in ("both", "source")
+        tcc_target = self.use_tcc and self.hparams.tcc_clips in ("both", "target")
 
-        if self.use_scgm or self.use_tcc:
-            target_frames = target["video"].flatten(0, 1)
-            pick_t = self._graph_frames(len(target_frames))
-            if not self.use_tcc:  # SCGM alone needs only the target frames it matches
-                target_frames, pick_t = target_frames[pick_t], torch.arange(len(pick_t), device=self.device)
-            target_logits, target_pyramid = self.segmentor(target_frames)
+        # Source: every frame when TCC sees its clips, else only the annotated frames. Target:
+        # every frame when TCC sees its clips, else only the frames SCGM matches (none without
+        # adaptation). Both go through ONE forward pass, so that batch norm normalises training
+        # batches with the statistics its running averages (used at test time) accumulate.
+        labelled = source["labelled"].flatten()
+        source_frames, masks = source["video"].flatten(0, 1), source["mask"].flatten(0, 1)[labelled]
+        source_frames = source_frames if tcc_source else source_frames[labelled]
+        target_frames = target["video"].flatten(0, 1)
+        matched = self._graph_frames(len(target_frames))
+        if not tcc_target:
+            target_frames = target_frames[matched] if self.use_scgm else target_frames[:0]
+            matched = torch.arange(len(target_frames), device=self.device)
+        logits, pyramid = self.segmentor(torch.cat([source_frames, target_frames]))
+        n = len(source_frames)
+        source_logits, target_logits = logits[:n], logits[n:]
+        source_pyramid, target_pyramid = [p[:n] for p in pyramid], [p[n:] for p in pyramid]
+        annotated = [p[labelled] for p in source_pyramid] if tcc_source else source_pyramid
+        source_logits = source_logits[labelled] if tcc_source else source_logits
+
+        losses = {"segmentation": segmentation_loss(source_logits, masks, self.hparams.dice_weight, self.hparams.bce_weight)}
         if self.use_scgm:
-            confidence, pseudo = target_logits.detach().softmax(1).max(1)
-            pseudo[confidence < self.hparams.pseudo_threshold] = -1
-            pick_s = self._graph_frames(len(masks[labelled]))
-            source_graph = [p[pick_s] for p in pyramid_labelled]
-            target_graph = [p[pick_t] for p in target_pyramid]
-            losses.update(self.graph_matching(source_graph, masks[labelled][pick_s], target_graph, pseudo[pick_t]))
-            weight = self.hparams.feature_discriminator_weight
-            for level, (discriminator, s, t) in enumerate(zip(self.feature_discriminators, source_graph, target_graph)):
-                losses[f"adversarial_p{level + 2}"] = weight * discriminator(s, t)
+            losses.update(self.scgm_losses(annotated, masks, [p[matched] for p in target_pyramid], target_logits[matched]))
         if self.use_tcc:
-            embeddings = self.frame_embedder(torch.cat([pyramid[-1], target_pyramid[-1]]))
-            clips_embedded = embeddings.view(-1, length, embeddings.shape[-1])
+            deepest = ([source_pyramid[-1]] if tcc_source else []) + ([target_pyramid[-1]] if tcc_target else [])
+            embeddings = self.frame_embedder(torch.cat(deepest))
             losses["tcc"] = self.hparams.tcc_weight * cycle_back_loss(
-                clips_embedded, self.hparams.tcc_temperature, self.hparams.tcc_split
+                embeddings.view(-1, length, embeddings.shape[-1]), self.hparams.tcc_temperature, self.hparams.tcc_split
             )
 
         loss = sum(losses.values()) + self._all_parameters_in_graph()
-        size = clips
-        self.log("train_loss", loss, prog_bar=True, batch_size=size)
-        self.log_dict({f"train_{name}": value for name, value in losses.items()}, batch_size=size)
+        self.log("train_loss", loss, prog_bar=True, batch_size=clips)
+        self.log_dict({f"train_{name}": value for name, value in losses.items()}, batch_size=clips)
         return loss
+
+    def scgm_losses(self, source_pyramid, source_masks, target_pyramid, target_logits) -> dict[str, torch.Tensor]:
+        """SCGM and the pyramid discriminators on ``graph_frames`` annotated source frames and
+        the given target frames, whose confident predictions are the pseudo-masks."""
+        confidence, pseudo = target_logits.detach().softmax(1).max(1)
+        pseudo[confidence < self.hparams.pseudo_threshold] = -1
+        picked = self._graph_frames(len(source_masks))
+        source_pyramid = [p[picked] for p in source_pyramid]
+        losses = self.graph_matching(source_pyramid, source_masks[picked], target_pyramid, pseudo)
+        for level, (discriminator, s, t) in enumerate(zip(self.feature_discriminators, source_pyramid, target_pyramid)):
+            losses[f"adversarial_p{level + 2}"] = self.hparams.feature_discriminator_weight * discriminator(s, t)
+        return losses
 
     def _graph_frames(self, available: int) -> torch.Tensor:
         """Indices of the frames SCGM sees: ``graph_frames`` of ``available`` at random, or all."""
@@ -266,6 +278,12 @@ class EchoVideoSegmentation(BaseTask):
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {"image": {0: "batch", 2: "height", 3: "width"}}
+
+    @property
+    def dynamic_axis_min(self) -> dict[str, int]:
+        """Frames must give P5 at least two cells each way (the exporter guards against size 1)."""
+        smallest = self.segmentor.strides[-1] + 1
+        return {"height": smallest, "width": smallest}
 
     # -- leaderboard ---------------------------------------------------------------------------
     @property
