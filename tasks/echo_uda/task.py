@@ -256,6 +256,8 @@ class EchoVideoSegmentation(BaseTask):
                 continue
             picks = annotated[torch.linspace(0, len(annotated) - 1, min(frames, len(annotated))).round().long()]
             tiles = [overlay(video[t, 0], mask[t]) for t in picks] + [overlay(video[t, 0], labels[t]) for t in picks]
+            scale = max(1, 128 // video.shape[-1])  # small frames are enlarged (nearest) to be seen
+            tiles = [t.repeat_interleave(scale, 1).repeat_interleave(scale, 2) for t in tiles]
             panels.append(make_grid(tiles, nrow=len(picks), padding=2, pad_value=1.0))
         return panels
 
