@@ -13,6 +13,10 @@ xmed-lab/GraphEcho. One training step (Sec. 3, Fig. 2):
 3. TCC (``temporal_cycle``) asks the frames of one heartbeat to find their counterparts in the
    next, in every clip (on by default; the official code ships it switched off).
 
+Source and target frames share one forward pass, so that batch normalisation sees in training
+the mixture of domains its running statistics hold at test time (the official code runs two
+passes, which trains each domain under its own batch statistics and tests it under the mixture).
+
 Evaluation segments every frame of the target's test videos and reports Dice per structure and
 its mean, pooled over pixels (``dice*``) and per video (``video_dice``), background excluded
 (``metrics``). ``adaptation`` switches the parts on and off, for the ablations the paper reports:
@@ -155,6 +159,19 @@ class EchoVideoSegmentation(BaseTask):
         if self.use_tcc:
             self.frame_embedder = FrameEmbedder(fpn_dim, tcc_embedding_dim)
         self.setup_metrics()
+
+    def setup(self, stage: str) -> None:
+        """Refuse data whose structures (output channels) differ from the model's."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data_structures = getattr(datamodule, "structures", None)
+        if data_structures is not None and list(data_structures) != self.structures:
+            from data.errors import LayoutError
+
+            raise LayoutError(
+                "--data.init_args.structures",
+                f"the data segments {list(data_structures)} but the model {self.structures}; "
+                "set --model.init_args.structures to the same list",
+            )
 
     # -- metrics -------------------------------------------------------------------------------
     def configure_metrics(self) -> MetricCollection:

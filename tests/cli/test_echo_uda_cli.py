@@ -1,8 +1,6 @@
 """GraphEcho through the real CLI on a tiny built-in set: fit, test, export, predict, leaderboard."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -79,12 +77,15 @@ def test_leaderboard_row_names_the_method_from_the_config(trained_run, tmp_path)
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
-def test_a_missing_target_root_is_a_one_line_error(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "lightning_app.py"), "test", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path),
-         "--data.init_args.target_format", "echonet", "--data.init_args.target_root", "/no/such/echonet",
-         "--data.init_args.source_root", str(tmp_path)],
-        capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1 and "/no/such/echonet: dataset root does not exist" in errors[0], result.stderr
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data.init_args.target_format", "echonet", "--data.init_args.target_root", "/no/such/echonet"],
+         "/no/such/echonet: dataset root does not exist"),
+        (["--data.init_args.structures", "[LV]"], "the data segments ['LV'] but the model ['LV', 'LA', 'RA', 'RV']"),
+    ],
+)  # fmt: skip
+def test_bad_data_is_a_one_line_error(args, message, tmp_path, capsys):
+    assert cli("test", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path / "run"), *args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
