@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.errors import LabelRangeError, ShapeMismatchError, UnreadableFileError
+from data.sampling import SampleKey, sample_key
 
 
 @dataclass
@@ -142,16 +143,17 @@ class _VideoSource:
         return frames
 
 
-def _crop_box(size: int, crop: int, train: bool) -> tuple[int, int]:
+def _crop_box(size: int, crop: int, rng: Optional[np.random.Generator]) -> tuple[int, int]:
+    """Top-left corner of the crop: random when training (``rng``), centred otherwise."""
     if crop >= size:
         return 0, 0
-    if train:
-        return int(np.random.randint(0, size - crop + 1)), int(np.random.randint(0, size - crop + 1))
+    if rng is not None:
+        return int(rng.integers(0, size - crop + 1)), int(rng.integers(0, size - crop + 1))
     return (size - crop) // 2, (size - crop) // 2
 
 
-def _to_sample(frames: EchoFrames, indices: np.ndarray, crop: int, train: bool, with_labels: bool) -> dict:
-    top, left = _crop_box(frames.images.shape[1], crop, train)
+def _to_sample(frames: EchoFrames, indices: np.ndarray, crop: int, rng: Optional[np.random.Generator], with_labels: bool) -> dict:
+    top, left = _crop_box(frames.images.shape[1], crop, rng)
     window = (indices, slice(top, top + crop), slice(left, left + crop))
     video = torch.from_numpy(np.ascontiguousarray(frames.images[window]))[:, None]
     if with_labels:
@@ -163,19 +165,21 @@ def _to_sample(frames: EchoFrames, indices: np.ndarray, crop: int, train: bool, 
     return {"video": video, "mask": mask, "labelled": labelled}
 
 
-def clip_indices(length: int, clip_length: int, stride: int, anchor: Optional[int] = None) -> np.ndarray:
+def clip_indices(
+    length: int, clip_length: int, stride: int, rng: np.random.Generator, anchor: Optional[int] = None
+) -> np.ndarray:
     """Frame indices of a random clip: ``clip_length`` frames ``stride`` apart (the stride shrinks
     for short videos; a video shorter than the clip repeats its last frame). With ``anchor`` the
-    clip contains that frame, at a random position."""
+    clip contains that frame, at a random position. Every choice is drawn from ``rng``."""
     stride = max(1, min(stride, (length - 1) // max(1, clip_length - 1))) if length > 1 else 1
     span = (clip_length - 1) * stride + 1
     if span > length:  # fewer frames than the clip: all of them, last one repeated
         return np.minimum(np.arange(clip_length), length - 1)
     if anchor is None:
-        start = np.random.randint(0, length - span + 1)
+        start = int(rng.integers(0, length - span + 1))
     else:
         offsets = [k for k in range(clip_length) if 0 <= anchor - k * stride <= length - span]
-        start = anchor - np.random.choice(offsets) * stride
+        start = anchor - int(rng.choice(offsets)) * stride
     return start + stride * np.arange(clip_length)
 
 
@@ -213,21 +217,32 @@ class EchoClips(Dataset):
     def __len__(self) -> int:
         return len(self.source.videos)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: SampleKey) -> dict:
+        """A clip of video ``index``; the anchor frame, the clip's start and the crop are drawn
+        from the key's seed (a plain index seeds them with itself, so they repeat)."""
+        index, seed = sample_key(key)
+        rng = np.random.default_rng(index if seed is None else seed)
         frames = self.source.load(index)
         anchor = None
         if self.with_labels:
             annotated = np.flatnonzero(frames.labelled)
             if len(annotated) == 0:
                 raise LabelRangeError(self.source.videos[index].name, "is listed as labelled but no frame has labels")
-            anchor = int(np.random.choice(annotated))
-        indices = clip_indices(len(frames.images), self.clip_length, self.clip_stride, anchor)
-        return _to_sample(frames, indices, self.crop, train=True, with_labels=self.with_labels)
+            anchor = int(rng.choice(annotated))
+        indices = clip_indices(len(frames.images), self.clip_length, self.clip_stride, rng, anchor)
+        return _to_sample(frames, indices, self.crop, rng, with_labels=self.with_labels)
 
 
 class PairedClips(Dataset):
-    """``{"source": labelled clip, "target": unlabelled clip}``; item i takes source video
-    ``i mod n_source`` and a random target video, ``length`` items per epoch."""
+    """``{"source": labelled clip, "target": unlabelled clip}``, ``length`` items per epoch.
+
+    Item ``i`` takes source video ``i mod n_source`` (the training sampler shuffles the items,
+    so each epoch visits the source videos evenly in a fresh order) and a target video drawn
+    from the item's seed, so the target order is independent of the source order. The seed is
+    split into independent streams for the target choice and each clip's augmentation, which
+    makes an item a function of its ``(index, seed)`` key alone: a resumed or multi-process fit
+    draws exactly the clips an uninterrupted single-process fit would.
+    """
 
     def __init__(self, source: EchoClips, target: EchoClips, length: int):
         self.source, self.target, self.length = source, target, length
@@ -235,8 +250,14 @@ class PairedClips(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict:
-        return {"source": self.source[index % len(self.source)], "target": self.target[np.random.randint(len(self.target))]}
+    def __getitem__(self, key: SampleKey) -> dict:
+        index, seed = sample_key(key)
+        choice, source_seed, target_seed = np.random.SeedSequence(index if seed is None else seed).generate_state(3)
+        target_index = int(np.random.default_rng(choice).integers(len(self.target)))
+        return {
+            "source": self.source[(index % len(self.source), int(source_seed))],
+            "target": self.target[(target_index, int(target_seed))],
+        }
 
 
 class EchoVideos(Dataset):
@@ -260,5 +281,5 @@ class EchoVideos(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         frames = self.source.load(index)
-        sample = _to_sample(frames, np.arange(len(frames.images)), self.crop, train=False, with_labels=self.with_labels)
+        sample = _to_sample(frames, np.arange(len(frames.images)), self.crop, rng=None, with_labels=self.with_labels)
         return {**sample, "name": self.source.videos[index].name}

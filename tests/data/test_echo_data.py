@@ -267,11 +267,42 @@ def test_echonet_traced_frame_past_the_end_and_bad_header_are_named(tmp_path):
 
 
 def test_clip_indices_contain_the_anchor_and_respect_the_stride():
-    np.random.seed(0)
+    rng = np.random.default_rng(0)
     for anchor in range(0, 30, 3):
-        indices = clip_indices(30, 8, 3, anchor)
+        indices = clip_indices(30, 8, 3, rng, anchor)
         assert anchor in indices and (np.diff(indices) == 3).all() and indices.max() < 30
-    assert clip_indices(5, 8, 2).tolist() == [0, 1, 2, 3, 4, 4, 4, 4]  # short video: last frame repeated
+    assert clip_indices(5, 8, 2, rng).tolist() == [0, 1, 2, 3, 4, 4, 4, 4]  # short video: last frame repeated
+
+
+def test_training_clips_are_a_function_of_their_key_and_a_resumed_epoch_replays_its_tail(tmp_path):
+    from data.sampling import ResumableSampler
+
+    root = write_cardiac_uda(tmp_path, videos=6, frames=12)
+    dm = EchoUDADataModule(root=str(root), source_site="Site_G_100", target_site="Site_R_126", structures=["LV", "LA"],
+                           clip_length=4, resize=24, crop=16, samples_per_epoch=8, batch_size=2, val_fraction=0.2, test_fraction=0.2)  # fmt: skip
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, ResumableSampler)
+    paired = dm.datasets["train"]
+    np.random.seed(1)
+    torch.manual_seed(1)
+    first = paired[(3, 12345)]
+    np.random.seed(2)  # global random state plays no part
+    torch.manual_seed(2)
+    again = paired[(3, 12345)]
+    for side in ("source", "target"):
+        assert torch.equal(first[side]["video"], again[side]["video"]) and torch.equal(first[side]["mask"], again[side]["mask"])
+    other = [paired[(3, seed)]["source"]["video"] for seed in range(6)]
+    assert any(not torch.equal(other[0], clip) for clip in other[1:])  # the seed moves the clip and the crop
+    # target videos do not follow the source order: over an epoch's keys both vary independently
+    keys = list(loader.sampler)
+    targets = [int(np.random.default_rng(np.random.SeedSequence(seed).generate_state(3)[0]).integers(len(paired.target))) for _, seed in keys]
+    assert len(set(zip([i % len(paired.source) for i, _ in keys], targets))) > len(paired.source)
+    # a fit resumed after the first batch draws exactly the rest of the uninterrupted epoch
+    full = [b["target"]["video"] for b in loader]
+    loader.sampler.skip = 2
+    resumed = [b["target"]["video"] for b in loader]
+    assert len(resumed) == len(full) - 1 and all(torch.equal(a, b) for a, b in zip(full[1:], resumed))
 
 
 def test_seeded_split_holds_out_labelled_videos_only(tmp_path):
