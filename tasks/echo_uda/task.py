@@ -26,10 +26,12 @@ target), ``scgm``, ``tcc``, ``full``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchvision.utils import make_grid
@@ -55,6 +57,22 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, dice_weight: fl
     target = one_hot.flatten(2)
     dice = 1 - (2 * (probability * target).sum(-1) + 1) / ((probability.pow(2) + target.pow(2)).sum(-1) + 1)
     return dice_weight * dice.mean() + bce_weight * F.binary_cross_entropy_with_logits(logits, one_hot)
+
+
+def load_segmentor(path: str | Path, structures: Sequence[str]) -> FPNSegmentor:
+    """The frame segmentor of an ``EchoVideoSegmentation`` checkpoint, in eval mode."""
+    from data.errors import LayoutError
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if list(hparams.get("structures", ())) != list(structures):
+        raise LayoutError(path, f"segments {list(hparams.get('structures', ()))}, not {list(structures)}")
+    segmentor = FPNSegmentor(
+        len(structures) + 1, hparams["backbone"], hparams["backbone_kwargs"], 1, hparams["fpn_dim"], hparams["semantic_dim"]
+    )
+    prefix = "segmentor."
+    segmentor.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    return segmentor.eval()
 
 
 def overlay(frame: torch.Tensor, labels: torch.Tensor, alpha: float = 0.45) -> torch.Tensor:
@@ -93,6 +111,10 @@ class EchoVideoSegmentation(BaseTask):
         tcc_clips: which clips TCC sees: ``both`` domains, ``target`` or ``source`` only (CAMUS
             half-sequences cover half a beat, so CAMUS -> EchoNet uses ``target``).
         frames_per_forward: frames segmented at once at inference (bounds memory on long videos).
+        before_adaptation: checkpoint of a model trained without adaptation (source only) on the
+            same data; when the file exists, the example pictures show each target frame's ground
+            truth, that model's masks (before adaptation) and this model's (after). Read when the
+            pictures are made, so it may be fitted after this model.
         **kwargs: ``BaseTask`` arguments (optimiser, schedule, ``num_examples``).
     """
 
@@ -129,6 +151,7 @@ class EchoVideoSegmentation(BaseTask):
         tcc_split: Optional[int] = None,
         tcc_clips: str = "both",
         frames_per_forward: int = 64,
+        before_adaptation: Optional[str] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -265,18 +288,40 @@ class EchoVideoSegmentation(BaseTask):
                 metrics.update(labels[labelled], mask[labelled])
 
     def example_panels(self, batch: dict, prediction: torch.Tensor, frames: int = 6) -> list[torch.Tensor]:
-        """Per video: annotated frames through the cycle, ground truth (top) over prediction (bottom)."""
+        """Per video: annotated frames through the cycle; rows: ground truth, the masks before
+        adaptation (with ``before_adaptation``), this model's masks."""
+        before_model = self._before_adaptation_model()
         panels = []
         for video, mask, labelled, labels in zip(batch["video"], batch["mask"], batch["labelled"], prediction):
             annotated = torch.nonzero(labelled).flatten()
             if len(annotated) == 0:
                 continue
             picks = annotated[torch.linspace(0, len(annotated) - 1, min(frames, len(annotated))).round().long()]
-            tiles = [overlay(video[t, 0], mask[t]) for t in picks] + [overlay(video[t, 0], labels[t]) for t in picks]
+            rows = [mask[picks]]
+            if before_model is not None:
+                with torch.no_grad():
+                    rows.append(before_model.to(video.device)(video[picks].float())[0].argmax(1))
+            rows.append(labels[picks])
+            tiles = [overlay(video[t, 0], row[k]) for row in rows for k, t in enumerate(picks)]
             scale = max(1, 128 // video.shape[-1])  # small frames are enlarged (nearest) to be seen
             tiles = [t.repeat_interleave(scale, 1).repeat_interleave(scale, 2) for t in tiles]
             panels.append(make_grid(tiles, nrow=len(picks), padding=2, pad_value=1.0))
         return panels
+
+    def _before_adaptation_model(self) -> Optional[FPNSegmentor]:
+        """The segmentor of the ``before_adaptation`` checkpoint (loaded once, kept outside the
+        module's parameters and state), or ``None`` without one; a missing file is reported."""
+        path = self.hparams.get("before_adaptation")
+        if path is None:
+            return None
+        if "_before_model" not in self.__dict__:
+            model = None
+            if not Path(path).is_file():
+                rank_zero_warn(f"{path}: no such checkpoint; example pictures show no 'before adaptation' row (fit the source-only config first)")
+            else:
+                model = load_segmentor(path, self.structures)
+            self.__dict__["_before_model"] = model  # a plain attribute: not a submodule, not saved
+        return self.__dict__["_before_model"]
 
     # -- export --------------------------------------------------------------------------------
     output_names = ("logits",)

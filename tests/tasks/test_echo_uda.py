@@ -300,3 +300,37 @@ def test_predict_batch_segments_every_frame_and_metrics_use_annotated_frames_onl
 def test_unknown_adaptation_is_refused():
     with pytest.raises(ValueError, match="adaptation"):
         EchoVideoSegmentation(adaptation="everything")
+
+
+def test_example_panels_show_masks_before_and_after_adaptation(tmp_path):
+    torch.manual_seed(0)
+    before = EchoVideoSegmentation(structures=("LV", "RV"), adaptation="none", **TINY).eval()
+    path = tmp_path / "source_only.ckpt"
+    torch.save({"hyper_parameters": dict(before.hparams), "state_dict": before.state_dict()}, path)
+    batch = _batch(clips=1, frames=4)  # annotated frames 0 and 2
+    after = EchoVideoSegmentation(structures=("LV", "RV"), before_adaptation=str(path), **TINY).eval()
+    prediction = after.predict_batch(batch)
+    (panel,) = after.example_panels(batch, prediction)
+    plain = EchoVideoSegmentation(structures=("LV", "RV"), **TINY).example_panels(batch, prediction)[0]
+    tile = (panel.shape[1] - 2) // 3 - 2  # rows: ground truth, before, after; 2-pixel padding
+    assert panel.shape[1] == 3 * tile + 8 and plain.shape[1] == 2 * tile + 6
+    # the middle row is the source-only model's masks, the others as without it
+    expected_before = EchoVideoSegmentation(structures=("LV", "RV"), **TINY).example_panels(batch, before.predict_batch(batch))[0]
+    row = slice(tile + 4, 2 * tile + 4)
+    torch.testing.assert_close(panel[:, row], expected_before[:, tile + 4 : 2 * tile + 4])
+    torch.testing.assert_close(panel[:, 2 * tile + 6 :], plain[:, tile + 4 :])
+    assert "before_adaptation" not in "".join(after.state_dict())  # the reference is not saved
+
+
+def test_a_missing_before_adaptation_checkpoint_is_reported_and_a_mismatched_one_refused(tmp_path):
+    from data.errors import LayoutError
+
+    batch = _batch(clips=1, frames=2)
+    task = EchoVideoSegmentation(structures=("LV", "RV"), before_adaptation=str(tmp_path / "none.ckpt"), **TINY).eval()
+    with pytest.warns(UserWarning, match=r"none.ckpt: no such checkpoint"):
+        (panel,) = task.example_panels(batch, task.predict_batch(batch))
+    other = EchoVideoSegmentation(structures=("LV",), adaptation="none", **TINY)
+    torch.save({"hyper_parameters": dict(other.hparams), "state_dict": other.state_dict()}, tmp_path / "lv.ckpt")
+    task = EchoVideoSegmentation(structures=("LV", "RV"), before_adaptation=str(tmp_path / "lv.ckpt"), **TINY).eval()
+    with pytest.raises(LayoutError, match=r"lv.ckpt: segments \['LV'\], not \['LV', 'RV'\]"):
+        task.example_panels(batch, task.predict_batch(batch))
