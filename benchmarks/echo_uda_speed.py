@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -20,9 +21,10 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from tasks.echo_uda.task import EchoVideoSegmentation
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere, as the other benchmarks
+
+from tasks.echo_uda.task import EchoVideoSegmentation  # noqa: E402
 
 
 def model_from(config: Path) -> tuple[EchoVideoSegmentation, dict]:

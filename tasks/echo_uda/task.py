@@ -75,6 +75,20 @@ def load_segmentor(path: str | Path, structures: Sequence[str]) -> FPNSegmentor:
     return segmentor.eval()
 
 
+def caption_tile(text: str, height: int, width: int) -> torch.Tensor:
+    """A white (3, height, width) tile with ``text`` written on it, one word per line."""
+    import cv2
+    import numpy as np
+
+    canvas = np.full((height, width), 255, np.uint8)
+    words = text.split()
+    scale = max(0.3, min(0.5, width / 220))
+    for line, word in enumerate(words):
+        y = int(height / 2 + (line - (len(words) - 1) / 2) * 16 * scale / 0.4) + 4
+        cv2.putText(canvas, word, (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 0, 1, cv2.LINE_AA)
+    return torch.from_numpy(canvas.astype(np.float32) / 255.0).expand(3, height, width)
+
+
 def overlay(frame: torch.Tensor, labels: torch.Tensor, alpha: float = 0.45) -> torch.Tensor:
     """A grey frame (H, W) in [0, 1] as RGB with structure ``labels`` (H, W) tinted."""
     rgb = frame.float().clamp(0, 1).expand(3, *frame.shape).clone()
@@ -297,15 +311,18 @@ class EchoVideoSegmentation(BaseTask):
             if len(annotated) == 0:
                 continue
             picks = annotated[torch.linspace(0, len(annotated) - 1, min(frames, len(annotated))).round().long()]
-            rows = [mask[picks]]
+            rows = {"ground truth": mask[picks]}
             if before_model is not None:
                 with torch.no_grad():
-                    rows.append(before_model.to(video.device)(video[picks].float())[0].argmax(1))
-            rows.append(labels[picks])
-            tiles = [overlay(video[t, 0], row[k]) for row in rows for k, t in enumerate(picks)]
+                    rows["before adaptation"] = before_model.to(video.device)(video[picks].float())[0].argmax(1)
+            rows["after adaptation" if before_model is not None else "prediction"] = labels[picks]
             scale = max(1, 128 // video.shape[-1])  # small frames are enlarged (nearest) to be seen
-            tiles = [t.repeat_interleave(scale, 1).repeat_interleave(scale, 2) for t in tiles]
-            panels.append(make_grid(tiles, nrow=len(picks), padding=2, pad_value=1.0))
+            tiles = []
+            for caption, row in rows.items():
+                tiles.append(caption_tile(caption, video.shape[-2] * scale, video.shape[-1] * scale))
+                for k, t in enumerate(picks):
+                    tiles.append(overlay(video[t, 0], row[k]).repeat_interleave(scale, 1).repeat_interleave(scale, 2).cpu())
+            panels.append(make_grid(tiles, nrow=len(picks) + 1, padding=2, pad_value=1.0))
         return panels
 
     def _before_adaptation_model(self) -> Optional[FPNSegmentor]:

@@ -1,6 +1,7 @@
 """GraphEcho through the real CLI on a tiny built-in set: fit, test, export, predict, leaderboard."""
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -89,3 +90,12 @@ def test_bad_data_is_a_one_line_error(args, message, tmp_path, capsys):
     assert cli("test", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path / "run"), *args) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]
+
+
+def test_bf16_mixed_fit_and_test_on_cpu(tmp_path, capsys):
+    run = tmp_path / "bf16"
+    common = [*_common(run), "--trainer.precision", "bf16-mixed", "--trainer.logger", "false"]
+    assert cli("fit", *common) == 0
+    assert cli("test", *common, "--ckpt_path", "last") == 0
+    dice = [float(v) for v in re.findall(r"test_dice\s+│\s+([-\d.e]+)", capsys.readouterr().out)]
+    assert len(dice) == 1 and 0.0 <= dice[0] <= 1.0

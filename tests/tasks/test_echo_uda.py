@@ -314,11 +314,14 @@ def test_example_panels_show_masks_before_and_after_adaptation(tmp_path):
     plain = EchoVideoSegmentation(structures=("LV", "RV"), **TINY).example_panels(batch, prediction)[0]
     tile = (panel.shape[1] - 2) // 3 - 2  # rows: ground truth, before, after; 2-pixel padding
     assert panel.shape[1] == 3 * tile + 8 and plain.shape[1] == 2 * tile + 6
-    # the middle row is the source-only model's masks, the others as without it
+    assert panel.shape[2] == 3 * (tile + 2) + 2  # a caption column and the two annotated frames
+    # the middle row is the source-only model's masks, the others as without it (captions aside)
     expected_before = EchoVideoSegmentation(structures=("LV", "RV"), **TINY).example_panels(batch, before.predict_batch(batch))[0]
-    row = slice(tile + 4, 2 * tile + 4)
-    torch.testing.assert_close(panel[:, row], expected_before[:, tile + 4 : 2 * tile + 4])
-    torch.testing.assert_close(panel[:, 2 * tile + 6 :], plain[:, tile + 4 :])
+    frames = slice(tile + 4, None)
+    torch.testing.assert_close(panel[:, tile + 4 : 2 * tile + 4, frames], expected_before[:, tile + 4 : 2 * tile + 4, frames])
+    torch.testing.assert_close(panel[:, 2 * tile + 6 :, frames], plain[:, tile + 4 :, frames])
+    torch.testing.assert_close(panel[:, : tile + 4], plain[:, : tile + 4])  # the ground-truth row
+    assert not torch.equal(panel[:, 2 * tile + 6 :, : tile + 4], plain[:, tile + 4 :, : tile + 4])  # "after" vs "prediction"
     assert "before_adaptation" not in "".join(after.state_dict())  # the reference is not saved
 
 
