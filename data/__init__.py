@@ -7,9 +7,10 @@ key                shape / type                  meaning
 =================  ============================  =============================================
 ``image``          (B, C, H, W) float in [0, 1]  network input (for low light: the dark image; CT volumes: (B, D, H, W))
 ``target``         (B, C, H, W) float in [0, 1]  image-to-image reference (the well-lit image)
-``mask``           (B, H, W) int64               per-pixel class index
+``mask``           (B, H, W) int64               per-pixel class index ((B, T, H, W) for clips)
+``labelled``       (B, T) bool                   which frames of a clip have a ``mask``
 ``label``          (B,) int64                    per-image class index
-``video``          (B, T, C, H, W) float         a clip
+``video``          (B, T, C, H, W) float         a clip (echo: C = 1, grey in [0, 1])
 ``domain``         (B,) int64                    0 = source, 1 = target (domain adaptation)
 ``coord``          (N, 3) float                  point coordinates, clouds concatenated
 ``feat``           (N, C) float                  point features
@@ -30,6 +31,7 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from data.base import BaseDataModule  # noqa: E402
+from data.echo_uda import EchoUDADataModule  # noqa: E402
 from data.errors import DatasetError  # noqa: E402
 from data.lol import LowLightDataModule  # noqa: E402
 from data.scene_folders import SceneClassificationDataModule  # noqa: E402
@@ -38,3 +40,4 @@ __all__ = ["BaseDataModule", "DatasetError", "LowLightDataModule", "SceneClassif
 from data.synapse import SynapseDataModule  # noqa: E402
 
 __all__ = ["BaseDataModule", "DatasetError", "LowLightDataModule", "SynapseDataModule"]
+__all__ = ["BaseDataModule", "DatasetError", "EchoUDADataModule", "LowLightDataModule"]

@@ -35,8 +35,14 @@ def export_onnx(task: BaseTask, output: str | Path, opset: int = 20) -> float:
     module = task.inference_module().eval().cpu()
     dims = {label: torch.export.Dim(label, min=size) for label, size in task.dynamic_axis_min.items()}
     dynamic_shapes = {}
+    # A task may bound an axis from below (a strided CNN needs a minimum input size); without the
+    # bound the exporter meets size guards it cannot prove and falls back to slower tracing.
+    minimum = getattr(task, "dynamic_axis_min", {})
     for name, axes in task.dynamic_axes.items():
-        dynamic_shapes[name] = {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
+        dynamic_shapes[name] = {
+            axis: dims.setdefault(label, torch.export.Dim(label, min=minimum[label]) if label in minimum else torch.export.Dim(label))
+            for axis, label in axes.items()
+        }
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx", prefix=f".{output.stem}.", dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)
