@@ -30,5 +30,15 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from data.base import BaseDataModule  # noqa: E402
 from data.errors import DatasetError  # noqa: E402
 from data.lol import LowLightDataModule  # noqa: E402
+from data.point_files import PointFileDataModule  # noqa: E402
+from data.s3dis import S3DISDataModule  # noqa: E402
+from data.scannet import ScanNetDataModule  # noqa: E402
 
-__all__ = ["BaseDataModule", "DatasetError", "LowLightDataModule"]
+__all__ = [
+    "BaseDataModule",
+    "DatasetError",
+    "LowLightDataModule",
+    "PointFileDataModule",
+    "S3DISDataModule",
+    "ScanNetDataModule",
+]

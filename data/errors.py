@@ -52,3 +52,7 @@ class LabelRangeError(DatasetError):
 
 class OutputExistsError(DatasetError):
     """Writing would overwrite an existing file; nothing is overwritten silently."""
+
+
+class InvalidValueError(DatasetError):
+    """A file decodes but holds values that cannot be used (NaN or infinite coordinates)."""

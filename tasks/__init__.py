@@ -2,5 +2,6 @@
 
 from tasks.base import BaseTask
 from tasks.low_light import LowLightEnhancement
+from tasks.point_segmentation import PointSegmentation
 
-__all__ = ["BaseTask", "LowLightEnhancement"]
+__all__ = ["BaseTask", "LowLightEnhancement", "PointSegmentation"]
