@@ -36,6 +36,7 @@ from data.errors import (
     UnreadableFileError,
 )
 from data.point_transforms import DEFAULT_EVAL, DEFAULT_TRAIN, Compose
+from data.sampling import SampleKey, sample_key
 
 IGNORE_INDEX = -1
 FEATURES = ("color", "normal")
@@ -78,25 +79,111 @@ def load_pth(path: Path) -> dict:
 
 
 def read_point_file(path: Path) -> dict[str, np.ndarray]:
-    """``coord`` and, when the file has them, ``color`` (0-255) and ``normal`` from a .ply / .pcd."""
+    """``coord`` and, when the file has them, ``color`` (0-255) and ``normal`` from a .ply / .pcd.
+
+    open3d reports a file it cannot parse only as a printed warning, and reads a truncated
+    ASCII file as if it were whole (the missing points become zeros), so the header's point
+    count is checked against the data actually present first (``point_file_problem``).
+    """
     import open3d as o3d
 
     if not path.is_file():
         raise DatasetNotFoundError(path, "point file does not exist")
+    problem = point_file_problem(path)
+    if problem:
+        raise UnreadableFileError(path, problem)
     cloud = o3d.io.read_point_cloud(str(path))
     coord = np.asarray(cloud.points, dtype=np.float32)
-    if len(coord) == 0 and path.stat().st_size > 0:
-        # open3d prints a warning and returns nothing for files it cannot parse; tell apart an
-        # empty but valid file from an unreadable one by its header
-        header = path.read_bytes()[:256].lower()
-        if not (header.startswith(b"ply") or b"points 0" in header or b"element vertex 0" in header or header.startswith(b"# .pcd")):
-            raise UnreadableFileError(path, "open3d cannot read it as a point cloud")
+    expected = point_file_count(path)
+    if expected is not None and len(coord) != expected:
+        raise UnreadableFileError(path, f"open3d read {len(coord)} of the {expected} points its header announces")
     scene: dict[str, np.ndarray] = {"coord": coord}
     if cloud.has_colors():
         scene["color"] = np.asarray(cloud.colors, dtype=np.float32) * 255.0
     if cloud.has_normals():
         scene["normal"] = np.asarray(cloud.normals, dtype=np.float32)
     return scene
+
+
+_PLY_SIZES = {
+    "char": 1, "int8": 1, "uchar": 1, "uint8": 1, "short": 2, "int16": 2, "ushort": 2, "uint16": 2,
+    "int": 4, "int32": 4, "uint": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8,
+}  # fmt: skip
+
+
+def _point_file_header(path: Path) -> tuple[list[str], int, str] | None:
+    """Header lines, the byte where the data starts, and the format word; None if not found."""
+    with path.open("rb") as handle:
+        head = handle.read(1 << 16)
+    if path.suffix.lower() == ".ply":
+        end = head.find(b"end_header")
+        if not head.startswith(b"ply") or end < 0:
+            return None
+        start = head.index(b"\n", end) + 1 if b"\n" in head[end:] else len(head)
+        lines = head[:start].decode("ascii", errors="replace").splitlines()
+        fmt = next((line.split()[1] for line in lines if line.startswith("format ")), "")
+        return lines, start, fmt
+    lines, position = [], 0
+    for raw in head.split(b"\n"):
+        position += len(raw) + 1
+        line = raw.decode("ascii", errors="replace").strip()
+        lines.append(line)
+        if line.upper().startswith("DATA"):
+            return lines, position, line.split()[1].lower() if len(line.split()) > 1 else ""
+    return None
+
+
+def point_file_count(path: Path) -> int | None:
+    """Points announced by a .ply / .pcd header (None when there is no readable header)."""
+    header = _point_file_header(path)
+    if header is None:
+        return None
+    for line in header[0]:
+        words = line.split()
+        if path.suffix.lower() == ".ply" and words[:2] == ["element", "vertex"] and len(words) == 3:
+            return int(words[2])
+        if path.suffix.lower() == ".pcd" and words[:1] == ["POINTS"] and len(words) == 2:
+            return int(words[1])
+    return None
+
+
+def point_file_problem(path: Path) -> str | None:
+    """Why a .ply / .pcd cannot be read whole (no header, or less data than the header
+    announces), or None. Compressed PCD data is left to open3d's own checks."""
+    if path.stat().st_size == 0:
+        return "file is empty"
+    header = _point_file_header(path)
+    if header is None:
+        return "no .ply / .pcd header (not a point cloud, or the file is cut short)"
+    lines, start, fmt = header
+    count = point_file_count(path)
+    if count is None:
+        return "header does not say how many points the file holds"
+    size = path.stat().st_size - start
+    if fmt.startswith("ascii"):
+        with path.open("rb") as handle:
+            handle.seek(start)
+            rows = sum(1 for line in handle if line.strip())
+        return None if rows >= count else f"truncated: {rows} data lines for the {count} points its header announces"
+    if path.suffix.lower() == ".ply":
+        in_vertex, width = False, 0
+        for line in lines:
+            words = line.split()
+            if words[:1] == ["element"]:
+                in_vertex = words[1:2] == ["vertex"]
+            elif words[:1] == ["property"] and in_vertex:
+                if words[1] == "list" or words[1] not in _PLY_SIZES:
+                    return None  # variable or unknown width: open3d decides
+                width += _PLY_SIZES[words[1]]
+    elif fmt == "binary":
+        fields = {w[0]: w[1:] for w in (line.split() for line in lines) if w and w[0] in ("SIZE", "COUNT")}
+        sizes = [int(v) for v in fields.get("SIZE", [])]
+        counts = [int(v) for v in fields.get("COUNT", [])] or [1] * len(sizes)
+        width = sum(a * b for a, b in zip(sizes, counts))
+    else:
+        return None
+    needed = count * width
+    return None if size >= needed else f"truncated: {size} bytes of point data, {needed} needed for the {count} points its header announces"
 
 
 def read_labels(path: Path) -> np.ndarray:
@@ -245,11 +332,14 @@ class PointCloudDataset(Dataset):
     def __len__(self) -> int:
         return len(self.scenes) * self.loop
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: SampleKey) -> dict:
+        # training keys are (index, augmentation seed) pairs from the resumable sampler; every
+        # random choice for this sample is drawn from that seed, so a resumed fit replays it.
+        # Evaluation passes plain indices: its pipeline then draws from a seed fixed per scene.
+        index, seed = sample_key(key)
         source = self.scenes[index % len(self.scenes)]
         scene = check_scene(source.load(), self.features, self.num_classes)
-        # drawn from torch's generator, which Lightning's seed and the loader's workers set
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        generator = torch.Generator().manual_seed(seed if seed is not None else index)
         scene = self.transform(scene, generator)
         feat = [scene[key] for key in self.features]
         sample = {

@@ -15,8 +15,9 @@ list of ``{name: ..., <arguments>}`` entries, e.g.
       - {name: shuffle}
 
 which is ConDaFormer's S3DIS training pipeline (``DEFAULT_TRAIN``). Every transform draws from the
-``torch.Generator`` it is called with, so a seeded run is reproducible (DataLoader workers seed
-their own). Per-point arrays stay aligned: anything that drops or reorders points applies the
+``torch.Generator`` it is called with, and nothing else: the dataset seeds that generator from
+the sample's key (``data.sampling``), so a run, and a resumed run, sees the same augmentations
+whatever the number of loader workers. Per-point arrays stay aligned: anything that drops or reorders points applies the
 same index to every per-point key.
 """
 

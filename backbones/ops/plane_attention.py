@@ -143,6 +143,15 @@ def _pad_row(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))], dim=0)
 
 
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+#: windows of a bucket are attended in chunks whose largest temporary holds at most this many
+#: elements, so that peak memory beyond the inputs and outputs stays bounded
+CHUNK_ELEMENTS = 1 << 24
+
+
 def window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -166,36 +175,49 @@ def window_attention(
     """
     num_tokens = q.shape[0]
     span = q_table.shape[0]  # 2L - 1 relative offsets per axis
-    centre = (span - 1) // 2  # L - 1
     q_pad, k_pad, v_pad = (_pad_row(x.float()) for x in (q, k, v))
     # the three axes' tables side by side, (h, d, 3 (2L - 1)): one product gives every axis and
     # offset term of a token; relative index r on axis a is column a (2L - 1) + r
-    q_rpe, k_rpe, v_rpe = (t.float().permute(2, 3, 1, 0).reshape(t.shape[2], t.shape[3], -1) for t in (q_table, k_table, v_table))
-    axis_base = torch.arange(3, device=q.device) * span + centre
-    quant_pad = _pad_row(quantised)
+    rpe = tuple(t.float().permute(2, 3, 1, 0).reshape(t.shape[2], t.shape[3], -1) for t in (q_table, k_table, v_table))
+    padded = (q_pad, k_pad, v_pad, _pad_row(quantised))
+    heads = q.shape[1]
     outputs = []
     for table in tables:
-        index = torch.where(table < 0, torch.full_like(table, num_tokens), table)  # (W, L)
         windows, length = table.shape
-        qw, kw, vw = (x[index].permute(0, 2, 1, 3) for x in (q_pad, k_pad, v_pad))  # (W, h, L, d)
-        heads = qw.shape[1]
-        pos = quant_pad[index]  # (W, L, 3)
-        # (W, 1, L, 3 L): for query i, key j, axis a: u_i - u_j + column offset of axis a
-        rel = (pos[:, :, None, :] - pos[:, None, :, :] + axis_base).reshape(windows, 1, length, 3 * length)
-        rel = rel.expand(windows, heads, length, 3 * length)
-        rel_t = (pos[:, None, :, :] - pos[:, :, None, :] + axis_base)  # indexed [j, i]: u_i - u_j, keyed by j
-        rel_t = rel_t.reshape(windows, 1, length, 3 * length).expand(windows, heads, length, 3 * length)
-        query_term = torch.gather(qw @ q_rpe, -1, rel).view(windows, heads, length, length, 3).sum(-1)
-        key_term = torch.gather(kw @ k_rpe, -1, rel_t).view(windows, heads, length, length, 3).sum(-1)
-        logits = qw @ kw.transpose(-1, -2) + query_term + key_term.transpose(-1, -2)  # (W, h, L, L)
-        padding = (table < 0)[:, None, None, :]
-        attention = torch.softmax(logits.masked_fill(padding, float("-inf")), dim=-1)
-        # value term: attention weights binned by relative offset, then one product with T_v
-        spread = attention.unsqueeze(-1).expand(windows, heads, length, length, 3).reshape(windows, heads, length, 3 * length)
-        bins = q_pad.new_zeros(windows, heads, length, 3 * span).scatter_add(-1, rel, spread)
-        out = attention @ vw + bins @ v_rpe.transpose(-1, -2)
-        outputs.append(out.permute(0, 2, 1, 3).reshape(windows * length, heads, -1))
+        # the largest temporaries are (windows, heads, length, 3 length) and (..., 3 (2L - 1))
+        step = windows if _tracing() else max(1, CHUNK_ELEMENTS // (heads * length * 3 * max(length, span)))
+        for start in range(0, windows, step):
+            outputs.append(_attend_windows(table[start : start + step], num_tokens, padded, rpe))
     return torch.cat(outputs)[token_positions(tables, num_tokens)]
+
+
+def _attend_windows(table: torch.Tensor, num_tokens: int, padded: tuple, rpe: tuple) -> torch.Tensor:
+    """Attention inside the windows of one (W, L) table; returns (W * L, h, d) in table order."""
+    q_pad, k_pad, v_pad, quant_pad = padded
+    q_rpe, k_rpe, v_rpe = rpe
+    span = q_rpe.shape[-1] // 3
+    centre = (span - 1) // 2  # L - 1
+    axis_base = torch.arange(3, device=table.device) * span + centre
+    index = torch.where(table < 0, torch.full_like(table, num_tokens), table)  # (W, L)
+    windows, length = table.shape
+    qw, kw, vw = (x[index].permute(0, 2, 1, 3) for x in (q_pad, k_pad, v_pad))  # (W, h, L, d)
+    heads = qw.shape[1]
+    pos = quant_pad[index]  # (W, L, 3)
+    # (W, 1, L, 3 L): for query i, key j, axis a: u_i - u_j + column offset of axis a
+    rel = (pos[:, :, None, :] - pos[:, None, :, :] + axis_base).reshape(windows, 1, length, 3 * length)
+    rel = rel.expand(windows, heads, length, 3 * length)
+    rel_t = (pos[:, None, :, :] - pos[:, :, None, :] + axis_base)  # indexed [j, i]: u_i - u_j, keyed by j
+    rel_t = rel_t.reshape(windows, 1, length, 3 * length).expand(windows, heads, length, 3 * length)
+    query_term = torch.gather(qw @ q_rpe, -1, rel).view(windows, heads, length, length, 3).sum(-1)
+    key_term = torch.gather(kw @ k_rpe, -1, rel_t).view(windows, heads, length, length, 3).sum(-1)
+    logits = qw @ kw.transpose(-1, -2) + query_term + key_term.transpose(-1, -2)  # (W, h, L, L)
+    padding = (table < 0)[:, None, None, :]
+    attention = torch.softmax(logits.masked_fill(padding, float("-inf")), dim=-1)
+    # value term: attention weights binned by relative offset, then one product with T_v
+    spread = attention.unsqueeze(-1).expand(windows, heads, length, length, 3).reshape(windows, heads, length, 3 * length)
+    bins = q_pad.new_zeros(windows, heads, length, 3 * span).scatter_add(-1, rel, spread)
+    out = attention @ vw + bins @ v_rpe.transpose(-1, -2)
+    return out.permute(0, 2, 1, 3).reshape(windows * length, heads, -1)
 
 
 class PlaneWindowAttention(nn.Module):

@@ -8,6 +8,7 @@ import torch
 
 from data.base import cache_root
 from data.errors import (
+    DatasetNotFoundError,
     EmptyDatasetError,
     InvalidValueError,
     LabelRangeError,
@@ -16,7 +17,7 @@ from data.errors import (
     ShapeMismatchError,
     UnreadableFileError,
 )
-from data.point_cloud import IGNORE_INDEX, write_point_file
+from data.point_cloud import IGNORE_INDEX, PointCloudDataset, PthScene, write_point_file
 from data.point_files import PointFileDataModule
 from data.s3dis import S3DISDataModule
 from data.scannet import ScanNetDataModule
@@ -136,6 +137,41 @@ def test_broken_scene_files_raise_errors_naming_the_file(tmp_path, problem, erro
         dm.datasets["test"][0]
 
 
+def test_truncated_npy_array_is_named(tmp_path):
+    room = tmp_path / "Area_5" / "office_1"
+    write_npy_room(room, 300, seed=2)
+    data = (room / "coord.npy").read_bytes()
+    (room / "coord.npy").write_bytes(data[: len(data) // 2])
+    dm = datamodule(S3DISDataModule, tmp_path)
+    dm.setup("test")
+    with pytest.raises(UnreadableFileError, match=r"coord.npy: cannot read .npy array"):
+        dm.datasets["test"][0]
+
+
+def test_missing_test_area_is_named(tmp_path):
+    write_npy_room(tmp_path / "Area_1" / "office_1", 20, seed=1)
+    write_npy_room(tmp_path / "Area_2" / "office_1", 20, seed=2)
+    dm = datamodule(S3DISDataModule, tmp_path)
+    with pytest.raises(DatasetNotFoundError, match=r"no Area_5 for the test split \(areas: \[1, 2\]\)"):
+        dm.setup("test")
+
+
+def test_training_keys_draw_their_augmentation_from_their_seed(tmp_path):
+    coord, color, segment = scene_arrays(400, seed=5)
+    torch.save({"coord": coord, "color": color, "semantic_gt": segment}, tmp_path / "room.pth")
+    from data.point_transforms import DEFAULT_TRAIN, Compose
+
+    dataset = PointCloudDataset([PthScene("room", tmp_path / "room.pth")], Compose(DEFAULT_TRAIN), ("color",), 13)
+    torch.manual_seed(1)  # global random state must not matter
+    first = dataset[(0, 123)]
+    torch.manual_seed(2)
+    again, other = dataset[(0, 123)], dataset[(0, 124)]
+    for key in ("coord", "feat", "segment"):
+        torch.testing.assert_close(first[key], again[key])
+    assert first["coord"].shape != other["coord"].shape or not torch.equal(first["coord"], other["coord"])
+    torch.testing.assert_close(dataset[0]["coord"], dataset[0]["coord"])  # evaluation keys: plain and fixed
+
+
 # -- ScanNet ----------------------------------------------------------------------------------------
 
 
@@ -199,6 +235,28 @@ def test_point_file_without_labels_or_with_wrong_count_is_named(tmp_path):
     np.savetxt(tmp_path / "train" / "a.labels", np.zeros(7, int), fmt="%d")
     with pytest.raises(ShapeMismatchError, match=r"a.labels: has 7 labels for 30 points"):
         dm._dataset("train", dm.scenes("train"))[0]
+
+
+@pytest.mark.parametrize("suffix,ascii", [(".ply", False), (".ply", True), (".pcd", False), (".pcd", True)])
+def test_truncated_point_file_is_named(tmp_path, suffix, ascii):
+    import open3d as o3d
+
+    coord, color, _ = scene_arrays(500, seed=3)
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(coord.astype(np.float64)))
+    cloud.colors = o3d.utility.Vector3dVector(color / 255.0)
+    path = tmp_path / f"scan{suffix}"
+    o3d.io.write_point_cloud(str(path), cloud, write_ascii=ascii)
+    from data.point_cloud import read_point_file
+
+    assert len(read_point_file(path)["coord"]) == 500
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    # open3d alone reads a cut ASCII file as whole, the missing points set to zero
+    with pytest.raises(UnreadableFileError, match=rf"scan{suffix}: truncated: .* for the 500 points its header announces"):
+        read_point_file(path)
+    path.write_bytes(data[:20])
+    with pytest.raises(UnreadableFileError, match=rf"scan{suffix}: no .ply / .pcd header"):
+        read_point_file(path)
 
 
 def test_predictions_are_written_as_coloured_point_files_and_never_overwritten(tmp_path):
