@@ -41,3 +41,15 @@ from data.synapse import SynapseDataModule  # noqa: E402
 
 __all__ = ["BaseDataModule", "DatasetError", "LowLightDataModule", "SynapseDataModule"]
 __all__ = ["BaseDataModule", "DatasetError", "EchoUDADataModule", "LowLightDataModule"]
+from data.point_files import PointFileDataModule  # noqa: E402
+from data.s3dis import S3DISDataModule  # noqa: E402
+from data.scannet import ScanNetDataModule  # noqa: E402
+
+__all__ = [
+    "BaseDataModule",
+    "DatasetError",
+    "LowLightDataModule",
+    "PointFileDataModule",
+    "S3DISDataModule",
+    "ScanNetDataModule",
+]

@@ -59,3 +59,5 @@ class SplitError(DatasetError):
     twice, or a listed file outside the class folders."""
 class IntensityRangeError(DatasetError):
     """An image's values lie outside the range its format promises (CT not windowed to [0, 1])."""
+class InvalidValueError(DatasetError):
+    """A file decodes but holds values that cannot be used (NaN or infinite coordinates)."""

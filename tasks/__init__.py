@@ -10,3 +10,6 @@ from tasks.medical_segmentation import MedicalSegmentation
 
 __all__ = ["BaseTask", "LowLightEnhancement", "MedicalSegmentation"]
 __all__ = ["BaseTask", "EchoVideoSegmentation", "LowLightEnhancement"]
+from tasks.point_segmentation import PointSegmentation
+
+__all__ = ["BaseTask", "LowLightEnhancement", "PointSegmentation"]
