@@ -52,3 +52,7 @@ class LabelRangeError(DatasetError):
 
 class OutputExistsError(DatasetError):
     """Writing would overwrite an existing file; nothing is overwritten silently."""
+
+
+class BadPointCloudError(DatasetError):
+    """A point cloud holds no points, too few to register, or non-finite (NaN / inf) coordinates."""

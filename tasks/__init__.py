@@ -2,5 +2,6 @@
 
 from tasks.base import BaseTask
 from tasks.low_light import LowLightEnhancement
+from tasks.registration import PointCloudRegistration
 
-__all__ = ["BaseTask", "LowLightEnhancement"]
+__all__ = ["BaseTask", "LowLightEnhancement", "PointCloudRegistration"]
