@@ -6,8 +6,6 @@ a rotation estimated in bfloat16 would be off by about a degree.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -58,12 +56,3 @@ def rotation_error_degrees(estimate: torch.Tensor, truth: torch.Tensor) -> torch
 def translation_error(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """TE = |t - t_gt| in the data's units, per transform (..., 4, 4) -> (...)."""
     return (estimate[..., :3, 3].double() - truth[..., :3, 3].double()).norm(dim=-1).float()
-
-
-def random_rotation(generator: torch.Generator | None = None, max_angle: float = math.pi) -> torch.Tensor:
-    """A rotation (3, 3) about a uniformly random axis by an angle uniform in [0, max_angle]."""
-    axis = torch.randn(3, generator=generator, dtype=torch.float64)
-    axis = axis / axis.norm()
-    angle = torch.rand((), generator=generator, dtype=torch.float64) * max_angle
-    k = torch.tensor([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]], dtype=torch.float64)
-    return torch.eye(3, dtype=torch.float64) + torch.sin(angle) * k + (1 - torch.cos(angle)) * (k @ k)

@@ -89,8 +89,9 @@ class Gaussian(tuple):
 
 
 def gaussian_kl(q: Gaussian, p: Gaussian) -> torch.Tensor:
-    """``KL(q || p)`` per element for diagonal Gaussians (closed form)."""
-    return torch.log(p.std / q.std) + (q.std.square() + (q.mean - p.mean).square()) / (2 * p.std.square()) - 0.5
+    """``KL(q || p)`` per element for diagonal Gaussians (closed form, in float32 under autocast)."""
+    q_mean, q_std, p_mean, p_std = q.mean.float(), q.std.float(), p.mean.float(), p.std.float()
+    return torch.log(p_std / q_std) + (q_std.square() + (q_mean - p_mean).square()) / (2 * p_std.square()) - 0.5
 
 
 def balanced_kl(posterior: Gaussian, prior: Gaussian, balance: float = 0.8) -> torch.Tensor:
