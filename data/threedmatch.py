@@ -84,21 +84,22 @@ def read_gt_info(path: Path) -> dict[tuple[int, int], np.ndarray]:
     return _read_blocks(path, 6, 6)
 
 
-def write_gt_log(path: Path, transforms: dict[tuple[int, int], np.ndarray], fragments: int) -> None:
-    """Write ``{(i, j): T_ji}`` in gt.log format (used by the built-in generator and the tests)."""
+def _write_blocks(path: Path, matrices: dict[tuple[int, int], np.ndarray], fragments: int) -> None:
     lines = []
-    for (i, j), matrix in sorted(transforms.items()):
+    for (i, j), matrix in sorted(matrices.items()):
         lines.append(f"{i}\t{j}\t{fragments}")
         lines += ["  ".join(f"{v:.12e}" for v in row) for row in matrix]
     path.write_text("\n".join(lines) + "\n")
+
+
+def write_gt_log(path: Path, transforms: dict[tuple[int, int], np.ndarray], fragments: int) -> None:
+    """Write ``{(i, j): T}`` (fragment j into fragment i's frame) in gt.log format."""
+    _write_blocks(path, transforms, fragments)
 
 
 def write_gt_info(path: Path, information: dict[tuple[int, int], np.ndarray], fragments: int) -> None:
-    lines = []
-    for (i, j), matrix in sorted(information.items()):
-        lines.append(f"{i}\t{j}\t{fragments}")
-        lines += ["  ".join(f"{v:.12e}" for v in row) for row in matrix]
-    path.write_text("\n".join(lines) + "\n")
+    """Write ``{(i, j): 6 x 6 information}`` in gt.info format."""
+    _write_blocks(path, information, fragments)
 
 
 def _scene_folders(fragments_root: Path) -> list[Path]:

@@ -59,21 +59,24 @@ def _prediction(batch: dict, transforms: list[np.ndarray], tau: float) -> dict:
     return {"transform": transform, "inliers": inliers}
 
 
+def _ransac_arguments(tau: float, max_iterations: int, confidence: float) -> tuple:
+    """Estimation, sample size, checkers and criteria shared by both RANSAC variants."""
+    checkers = [registration.CorrespondenceCheckerBasedOnEdgeLength(0.9), registration.CorrespondenceCheckerBasedOnDistance(tau)]
+    return (
+        registration.TransformationEstimationPointToPoint(False),
+        3,
+        checkers,
+        registration.RANSACConvergenceCriteria(max_iterations, confidence),
+    )
+
+
 def ransac_on_features(batch: dict, tau: float, max_iterations: int = 100_000, confidence: float = 0.999) -> dict:
     transforms = []
     for src, tgt, src_feat, tgt_feat, _ in split_pairs(batch):
         result = registration.registration_ransac_based_on_feature_matching(
-            _cloud(src),
-            _cloud(tgt),
-            _feature(src_feat),
-            _feature(tgt_feat),
-            False,
-            tau,
-            registration.TransformationEstimationPointToPoint(False),
-            3,
-            [registration.CorrespondenceCheckerBasedOnEdgeLength(0.9), registration.CorrespondenceCheckerBasedOnDistance(tau)],
-            registration.RANSACConvergenceCriteria(max_iterations, confidence),
-        )
+            _cloud(src), _cloud(tgt), _feature(src_feat), _feature(tgt_feat), False, tau,
+            *_ransac_arguments(tau, max_iterations, confidence),
+        )  # fmt: skip
         transforms.append(np.asarray(result.transformation))
     return _prediction(batch, transforms, tau)
 
@@ -82,15 +85,9 @@ def ransac_on_correspondences(batch: dict, tau: float, max_iterations: int = 100
     transforms = []
     for src, tgt, _, _, corr in split_pairs(batch):
         result = registration.registration_ransac_based_on_correspondence(
-            _cloud(src),
-            _cloud(tgt),
-            o3d.utility.Vector2iVector(corr.cpu().numpy().astype(np.int32)),
-            tau,
-            registration.TransformationEstimationPointToPoint(False),
-            3,
-            [registration.CorrespondenceCheckerBasedOnEdgeLength(0.9), registration.CorrespondenceCheckerBasedOnDistance(tau)],
-            registration.RANSACConvergenceCriteria(max_iterations, confidence),
-        )
+            _cloud(src), _cloud(tgt), o3d.utility.Vector2iVector(corr.cpu().numpy().astype(np.int32)), tau,
+            *_ransac_arguments(tau, max_iterations, confidence),
+        )  # fmt: skip
         transforms.append(np.asarray(result.transformation))
     return _prediction(batch, transforms, tau)
 

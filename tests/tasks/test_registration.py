@@ -277,3 +277,17 @@ def test_pair_panel_draws_both_clouds_in_their_colours():
         direction = torch.tensor(colour) / torch.tensor(colour).norm()
         alignment = (pixels / pixels.norm(dim=1, keepdim=True)) @ direction
         assert (alignment > 0.999).sum() > 50  # many pixels of each hue (shaded by depth)
+
+
+def test_open3d_baselines_recover_a_pair_with_matching_features():
+    from tasks.registration_parts import baselines
+
+    batch = synthetic_batch(count=300, inlier_fraction=0.5, seed=1)
+    batch["src_features"] = torch.rand(300, 33, generator=torch.Generator().manual_seed(0))
+    batch["tgt_features"] = batch["src_features"].clone()  # feature matching finds the K correspondences
+    for method in (baselines.ransac_on_features, baselines.ransac_on_correspondences):
+        prediction = method(batch, tau=0.1, max_iterations=5000, confidence=0.999)
+        assert rotation_error_degrees(prediction["transform"], batch["transform"]).item() < 2.0
+        assert prediction["inliers"].shape == (1, 300)
+    prediction = baselines.fast_global_registration(batch, tau=0.1)
+    assert rotation_error_degrees(prediction["transform"], batch["transform"]).item() < 2.0
