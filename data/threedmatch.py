@@ -167,8 +167,10 @@ class ThreeDMatchDataModule(RegistrationDataModule):
     """3DMatch / 3DLoMatch (benchmark layout and FCGF training fragments), or the built-in rooms.
 
     Args:
-        benchmarks: which gt.log files list a benchmark-layout split's pairs: ``3DMatch``
-            (overlap > 30 %), ``3DLoMatch`` (10-30 %) or both.
+        benchmarks: which gt.log files list the pairs of a benchmark-layout validation or test
+            split: ``3DMatch`` (overlap > 30 %), ``3DLoMatch`` (10-30 %) or both.
+        train_benchmarks: the same for a benchmark-layout training split; the paper trains on
+            pairs above 30 % overlap only (``3DMatch``) and tests that model on 3DLoMatch too.
         lomatch_gt_dir: folder of ``<scene>/gt.log`` for 3DLoMatch when not under ``3DLoMatch/``.
         train_overlap: which FCGF pair lists to train on (``*-0.30.txt``).
         val_scenes: FCGF scenes held out for validation (default: the official six).
@@ -180,6 +182,7 @@ class ThreeDMatchDataModule(RegistrationDataModule):
     def __init__(
         self,
         benchmarks: list[str] = ["3DMatch"],  # noqa: B006  (LightningCLI needs a plain default)
+        train_benchmarks: list[str] = ["3DMatch"],  # noqa: B006
         lomatch_gt_dir: Optional[str] = None,
         train_overlap: float = 0.30,
         val_scenes: Optional[list[str]] = None,
@@ -191,10 +194,10 @@ class ThreeDMatchDataModule(RegistrationDataModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        unknown = [b for b in benchmarks if b not in BENCHMARKS]
-        if unknown or not benchmarks:
-            raise ValueError(f"benchmarks must be a non-empty subset of {BENCHMARKS}, got {benchmarks}")
-        self.benchmarks = list(benchmarks)
+        for chosen in (benchmarks, train_benchmarks):
+            if not chosen or any(b not in BENCHMARKS for b in chosen):
+                raise ValueError(f"benchmarks must be a non-empty subset of {BENCHMARKS}, got {chosen}")
+        self.benchmarks, self.train_benchmarks = list(benchmarks), list(train_benchmarks)
         self.lomatch_gt_dir = Path(lomatch_gt_dir) if lomatch_gt_dir else None
         self.train_overlap = train_overlap
         self.val_scenes = set(val_scenes) if val_scenes is not None else set(VALIDATION_SCENES)
@@ -211,10 +214,10 @@ class ThreeDMatchDataModule(RegistrationDataModule):
 
         return build_builtin_fragments(**self.builtin_params)
 
-    def _benchmark_split(self, folder: Path) -> list[RegistrationPair]:
-        pairs = [p for b in self.benchmarks for p in benchmark_pairs(folder, b, self.lomatch_gt_dir)]
+    def _benchmark_split(self, folder: Path, benchmarks: list[str]) -> list[RegistrationPair]:
+        pairs = [p for b in benchmarks for p in benchmark_pairs(folder, b, self.lomatch_gt_dir)]
         if not pairs:
-            raise EmptyDatasetError(folder, f"the {' and '.join(self.benchmarks)} gt.log files list no pairs")
+            raise EmptyDatasetError(folder, f"the {' and '.join(benchmarks)} gt.log files list no pairs")
         return pairs
 
     def split_pairs(self, split: str) -> list[RegistrationPair]:
@@ -222,7 +225,7 @@ class ThreeDMatchDataModule(RegistrationDataModule):
         benchmark = "+".join(self.benchmarks)
         self.dataset_name = f"built-in rooms ({benchmark} layout)" if self.root is None else f"{benchmark}:{root.name}"
         if (root / split).is_dir():
-            return self._benchmark_split(root / split)
+            return self._benchmark_split(root / split, self.train_benchmarks if split == "train" else self.benchmarks)
         if split in ("train", "val") and (root / "threedmatch").is_dir():
             folder = root / "threedmatch"
             if split == "train":
@@ -233,5 +236,5 @@ class ThreeDMatchDataModule(RegistrationDataModule):
                 raise EmptyDatasetError(folder, f"no {split} pairs (validation scenes: {', '.join(sorted(self.val_scenes))})")
             return pairs
         if split == "test":
-            return self._benchmark_split(root)
+            return self._benchmark_split(root, self.benchmarks)
         raise DatasetNotFoundError(root, f"has no {split} split: expected {split}/ in benchmark layout or threedmatch/ (FCGF training fragments)")

@@ -79,12 +79,28 @@ def inlier_labels(batch: dict, tau: float) -> torch.Tensor:
         return (apply_transform(batch["transform"].float(), source.float()) - target.float()).norm(dim=-1) < tau
 
 
-def spectral_matching_loss(gamma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """PointDSC's ``mean_ij (gamma_ij - y_i y_j)^2`` with a zero diagonal on both sides."""
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, balanced: bool) -> torch.Tensor:
+    """Inlier BCE on the logits; ``balanced`` weighs positives by ``#negatives / #positives`` (PointDSC's option)."""
+    targets = labels.float()
+    if not balanced:
+        return F.binary_cross_entropy_with_logits(logits.float(), targets)
+    positives = targets.sum().clamp_min(1.0)
+    negatives = (1 - targets).sum().clamp_min(1.0)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=negatives / positives)
+
+
+def spectral_matching_loss(gamma: torch.Tensor, labels: torch.Tensor, balanced: bool = False) -> torch.Tensor:
+    """PointDSC's ``(gamma_ij - y_i y_j)^2`` with a zero diagonal on both sides, averaged over all pairs,
+    or (``balanced``) as the mean of the averages over inlier-inlier pairs and over the rest."""
     y = labels.to(gamma.dtype)
     target = y.unsqueeze(-1) * y.unsqueeze(-2)
     target = target * (1 - torch.eye(target.shape[-1], dtype=target.dtype, device=target.device))
-    return F.mse_loss(gamma, target)
+    if not balanced:
+        return F.mse_loss(gamma, target)
+    squared = (gamma - target).square()
+    positive = (squared * target).sum((-1, -2)) / target.sum((-1, -2)).clamp_min(1.0)
+    negative = (squared * (1 - target)).sum((-1, -2)) / (1 - target).sum((-1, -2)).clamp_min(1.0)
+    return (0.5 * positive + 0.5 * negative).mean()
 
 
 class PointCloudRegistration(BaseTask):
@@ -100,7 +116,10 @@ class PointCloudRegistration(BaseTask):
     0.1, 1000, 40, 10, 20; KITTI: tau = sigma_d = 1.2).
 
     Loss: ``mix_ratio``, ``kl_weight``, ``kl_balance``, ``classification_weight``,
-    ``spectral_matching_weight`` (0.5, 1, 0.8, 1, 1).
+    ``spectral_matching_weight`` (0.5, 1, 0.8, 1, 1), and ``balanced_losses``: PointDSC/VBReg's
+    ``--balanced`` option, off in the paper's runs; it balances inliers against outliers in both
+    losses, which training needs when a few percent of the correspondences are inliers (FPFH on
+    small training sets) — otherwise predicting "outlier" everywhere is nearly optimal.
 
     Metrics: ``max_rotation_error`` (degrees) and ``max_translation_error`` (data units) for a
     successful registration. Baselines: ``ransac_iterations``, ``ransac_confidence``.
@@ -139,6 +158,7 @@ class PointCloudRegistration(BaseTask):
         kl_balance: float = 0.8,
         classification_weight: float = 1.0,
         spectral_matching_weight: float = 1.0,
+        balanced_losses: bool = False,
         max_rotation_error: float = 15.0,
         max_translation_error: float = 0.30,
         ransac_iterations: int = 100_000,
@@ -196,9 +216,9 @@ class PointCloudRegistration(BaseTask):
         targets = labels.float()
         terms = {}
         for name, out in (("posterior", posterior_pass), ("prior", prior_pass)):
-            terms[f"bce_{name}"] = F.binary_cross_entropy_with_logits(out["logits"].float(), targets)
+            terms[f"bce_{name}"] = classification_loss(out["logits"], labels, hp.balanced_losses)
             gamma = feature_compatibility(out["features"].float(), self.network.sigma)
-            terms[f"sm_{name}"] = spectral_matching_loss(gamma, labels)
+            terms[f"sm_{name}"] = spectral_matching_loss(gamma, labels, hp.balanced_losses)
         kl = torch.stack(
             [balanced_kl(q, p, hp.kl_balance) for q, p in zip(posterior_pass["posteriors"], posterior_pass["priors"])]
         ).mean()
