@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -32,16 +31,16 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning 2
 
 import pytorch_lightning as pl  # noqa: E402
 from jsonargparse import ArgumentError  # noqa: E402
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint  # noqa: E402
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: E402
 from pytorch_lightning.cli import LightningCLI  # noqa: E402
-from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
 import data  # noqa: E402,F401  (registers the datamodules)
 import tasks  # noqa: E402,F401  (registers the tasks)
 from data.base import BaseDataModule  # noqa: E402
 from data.errors import DatasetError  # noqa: E402
 from tasks.base import BaseTask  # noqa: E402
-from tasks.checkpoints import CheckpointError, find_best_checkpoint, load_checkpoint  # noqa: E402
+from tasks.callbacks import ExactResume, InterruptCheckpoint  # noqa: E402
+from tasks.checkpoints import CheckpointError, find_best_checkpoint, find_resume_checkpoint, load_checkpoint  # noqa: E402
 from tasks.demo import DemoError, run_demo  # noqa: E402
 from tasks.export import ExportError, export_onnx  # noqa: E402
 
@@ -51,6 +50,7 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
 # about it; SuiteCLI.before_fit decides between starting and resuming and says so itself.
 warnings.filterwarnings("ignore", message=r".*fit\(ckpt_path=None\)` was called without a model")
 warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # a resumed run's own
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip")  # advertisements for cloud services
 )
@@ -61,59 +61,6 @@ class RunError(Exception):
 
 
 USER_ERRORS = (DatasetError, CheckpointError, ExportError, RunError, ArgumentError)
-
-
-class InterruptCheckpoint(OnExceptionCheckpoint):
-    """Stops a fit cleanly on SIGTERM or Ctrl-C and saves ``interrupted.ckpt``.
-
-    Lightning's own handler may stop anywhere, mid-validation included, and a checkpoint taken
-    there can resume with an epoch missing. So the signal only sets a flag; the fit stops (all
-    ranks together) at the end of the next training batch, or at the end of the epoch when that
-    batch was its last: the two places Lightning resumes from exactly. A second Ctrl-C stops at
-    once. Other exceptions (a broken
-    dataset file, a bug) save nothing: resuming from them would only repeat the failure.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._stop_requested = False
-        self._previous_handlers: dict[int, object] = {}
-
-    def _request_stop(self, signum: int, frame) -> None:
-        if signum == signal.SIGINT and self._stop_requested:
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        print(f"received {signal.Signals(signum).name}: stopping after this training batch", file=sys.stderr)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_requested = False
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
-
-    def _restore_handlers(self) -> None:
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers.clear()
-
-    def _stop_now(self, trainer: pl.Trainer) -> bool:
-        return trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
-        # At an epoch's last batch Lightning cannot resume exactly; stop at the epoch's end instead.
-        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and self._stop_now(trainer):
-            raise SIGTERMException
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._stop_now(trainer):
-            trainer._signal_connector.received_sigterm = True  # Lightning stops once the epoch is complete
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_handlers()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore_handlers()
-        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.global_step > 0:
-            super().on_exception(trainer, pl_module, exception)
 
 
 class SuiteTrainer(pl.Trainer):
@@ -158,53 +105,67 @@ class SuiteCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if subcommand and self.config[subcommand].get("ckpt_path") == "best" and subcommand != "fit":
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if config.get("ckpt_path") == "best" and subcommand != "fit":
             # Lightning knows "best" only within the process that trained; find it in the run folder.
-            self.config[subcommand].ckpt_path = str(find_best_checkpoint(self._run_dir(self.config[subcommand])))
+            config.ckpt_path = str(find_best_checkpoint(self._run_dir(config)))
+        elif config.get("ckpt_path") == "last":
+            # Resolved here, as Lightning would (the newest of last.ckpt and interrupted.ckpt), so
+            # that the file it restores is the one checked below; none yet means a fresh start.
+            newest = find_resume_checkpoint(self._run_dir(config))
+            config.ckpt_path = None if newest is None and subcommand == "fit" else str(newest or "last")
+            if newest is None and subcommand == "fit":
+                print(f"no checkpoint in {self._run_dir(config) / 'checkpoints'} yet: starting a new run", file=sys.stderr)
+        if config.get("ckpt_path") not in (None, "last", "hpc", "registry"):
+            load_checkpoint(config.ckpt_path)  # refuses pickled objects and names the file
+        if "weights_only" in config and config.get("weights_only") is None:
+            config.weights_only = True  # Lightning's own restore: tensors and plain values only
+        self._resumes = subcommand == "fit" and config.get("ckpt_path") is not None
 
     @staticmethod
     def _run_dir(config) -> Path:
         return Path(config.trainer.default_root_dir or "runs/default")
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
-        """Add the run's checkpoint callbacks unless the config brings its own ModelCheckpoint."""
+        """Add the run's checkpoint callbacks unless the config brings its own ModelCheckpoint,
+        and always the callback that makes training reproducible across interruptions."""
         config = self._get(self.config_init, "trainer", default={})
         run_dir = Path(config.get("default_root_dir") or "runs/default")
         kwargs.setdefault("default_root_dir", str(run_dir))
         configured = config.get("callbacks") or []
+        extra = [] if any(isinstance(c, ExactResume) for c in configured) else [ExactResume()]
         if not any(isinstance(c, ModelCheckpoint) for c in configured) and config.get("enable_checkpointing") is not False:
             folder = str(run_dir / "checkpoints")
-            extra = [
+            extra += [
                 ModelCheckpoint(
                     dirpath=folder,
                     filename="best-epoch{epoch:03d}-step{step}",
                     auto_insert_metric_name=False,
                     monitor=self.model.monitor,
                     mode=self.model.mode,
-                    save_last=True,
                 ),
+                # Lightning's save_last writes last.ckpt only when the best also changes; a second
+                # checkpoint without a monitor keeps last.ckpt at the end of every epoch instead.
+                ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False),
                 InterruptCheckpoint(dirpath=folder, filename="interrupted"),
             ]
             if config.get("logger") is not False:
                 extra.append(LearningRateMonitor(logging_interval="step"))
-            kwargs["callbacks"] = list(configured) + extra
+        kwargs["callbacks"] = list(configured) + extra
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         """Refuse to start afresh over an earlier run's checkpoints (they would be overwritten);
-        ``--ckpt_path last`` in a folder with no checkpoint yet starts a new run, so one command
-        both starts and resumes."""
+        ``--ckpt_path last`` in a folder with no checkpoint yet starts a new run (see
+        ``parse_arguments``), so one command both starts and resumes."""
         folder = Path(self.trainer.default_root_dir) / "checkpoints"
-        has_checkpoints = folder.is_dir() and any(folder.glob("*.ckpt"))
-        if self.config.fit.get("ckpt_path") == "last" and not has_checkpoints:
-            print(f"no checkpoint in {folder} yet: starting a new run", file=sys.stderr)
-            self.config_init.fit.ckpt_path = None
-        elif self.config.fit.get("ckpt_path") is None:
-            if has_checkpoints:
-                raise RunError(
-                    f"{folder}: holds checkpoints of an earlier run; resume with --ckpt_path last, "
-                    "or start afresh with another --trainer.default_root_dir"
-                )
+        if not self._resumes and folder.is_dir() and any(folder.glob("*.ckpt")):
+            raise RunError(
+                f"{folder}: holds checkpoints of an earlier run; resume with --ckpt_path last, "
+                "or start afresh with another --trainer.default_root_dir"
+            )
 
 
 def leaderboard(argv: list[str]) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.errors import DatasetNotFoundError, OutputExistsError
+from data.sampling import ResumableSampler, ShardedEvalSampler, global_seed
 
 
 def cache_root() -> Path:
@@ -115,17 +116,23 @@ class BaseDataModule(pl.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        dataset = self.datasets[split]
+        drop_last = shuffle and len(dataset) > batch_size
+        # Training draws (index, augmentation seed) keys in an order a resumed fit can replay.
+        # Evaluation shards the split across DDP ranks without repeating any sample.
+        sampler = ResumableSampler(dataset, seed=global_seed()) if shuffle else ShardedEvalSampler(dataset)
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and len(self.datasets[split]) > batch_size,
+            drop_last=drop_last,
             collate_fn=type(self).collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; datasets read their keys with ``data.sampling.sample_key``."""
         return self._loader("train", shuffle=True, batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
@@ -139,16 +146,51 @@ class BaseDataModule(pl.LightningDataModule):
 
     # -- prediction output -------------------------------------------------------------------
     def prediction_paths(self, names: list[str]) -> list[Path]:
-        """Output path for each input name; refuses to overwrite anything that exists."""
+        """Where to write the outputs for ``names``, refusing any name that exists already.
+
+        The paths lie in a hidden staging folder beside ``predict_output_dir``; ``finish_predictions``
+        moves them into place when predict ends, and a failed predict removes them, so the output
+        folder never holds a partial set.
+        """
         if self.predict_output_dir is None:
             raise DatasetNotFoundError("--data.predict_output_dir", "predict needs an output folder")
         out = Path(self.predict_output_dir)
-        paths = [out / name for name in names]
-        for path in paths:
-            if path.exists():
-                raise OutputExistsError(path, "already exists; choose another --data.predict_output_dir")
-        return paths
+        for name in names:
+            if (out / name).exists():
+                raise OutputExistsError(out / name, "already exists; choose another --data.predict_output_dir")
+        return [self._staging_folder() / name for name in names]
+
+    def _staging_folder(self) -> Path:
+        out = Path(self.predict_output_dir).resolve()
+        staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+        staging.mkdir(parents=True, exist_ok=True)
+        return staging
+
+    def finish_predictions(self) -> list[Path]:
+        """Move this process's staged outputs into ``predict_output_dir``; returns their paths."""
+        if self.predict_output_dir is None:
+            return []
+        out = Path(self.predict_output_dir).resolve()
+        staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+        if not staging.is_dir():
+            return []
+        moved = []
+        for staged in sorted(p for p in staging.rglob("*") if p.is_file()):
+            final = out / staged.relative_to(staging)
+            if final.exists():
+                raise OutputExistsError(final, "appeared while predicting; the staged output is kept in " + str(staging))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staged.replace(final)
+            moved.append(final)
+        shutil.rmtree(staging, ignore_errors=True)
+        return moved
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A failed predict leaves nothing behind (its staged outputs are removed)."""
+        if self.predict_output_dir is not None:
+            out = Path(self.predict_output_dir).resolve()
+            shutil.rmtree(out.parent / f".{out.name}.partial-{os.getpid()}", ignore_errors=True)
 
     def write_prediction(self, prediction: torch.Tensor, names: list[str]) -> None:
-        """Write one batch of predictions; subclasses know their file format."""
+        """Write one batch of predictions to ``prediction_paths(names)``; subclasses know the format."""
         raise TypeError(f"{type(self).__name__} cannot write predictions")

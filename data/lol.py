@@ -39,6 +39,7 @@ from data.errors import (
     ShapeMismatchError,
     UnreadableFileError,
 )
+from data.sampling import SampleKey, sample_key, seed_transform
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": ("our485", "train"), "val": ("val",), "test": ("eval15", "test")}
@@ -158,12 +159,14 @@ class PairedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: SampleKey) -> dict:
+        index, seed = sample_key(key)
         low_path, high_path = self.pairs[index]
         low, high = read_rgb(low_path), read_rgb(high_path)
         if low.shape != high.shape:  # header and pixels disagree: a broken file
             raise ShapeMismatchError(low_path, f"decoded size {low.shape} differs from {high_path} {high.shape}")
         if self.transform is not None:
+            seed_transform(self.transform, seed)  # the same crop and flips whenever this draw recurs
             out = self.transform(image=low, target=high)
             low, high = out["image"], out["target"]
         return {"image": to_tensor(low), "target": to_tensor(high), "name": low_path.name}

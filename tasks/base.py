@@ -129,6 +129,10 @@ class BaseTask(pl.LightningModule, ABC):
         # The datamodule knows the file format; the same names are kept (``--data.predict_output_dir``).
         self.trainer.datamodule.write_prediction(outputs, batch["name"])
 
+    def on_predict_end(self) -> None:
+        # Outputs are staged while predicting and moved into the output folder only now.
+        self.trainer.datamodule.finish_predictions()
+
     # -- example images ----------------------------------------------------------------------
     def example_panels(self, batch: dict, prediction: Any) -> list[torch.Tensor]:
         """One (3, H, W) picture in [0, 1] per sample (e.g. input | output | reference).

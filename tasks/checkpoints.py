@@ -32,6 +32,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
 
 
+def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
+    """What ``--ckpt_path last`` restores: the newest of ``last*.ckpt`` and ``interrupted.ckpt``
+    (the rule Lightning applies), or ``None`` when the run has neither."""
+    folder = Path(run_dir) / "checkpoints"
+    candidates = [*folder.glob("last*.ckpt"), *folder.glob("interrupted.ckpt")] if folder.is_dir() else []
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
 def find_best_checkpoint(run_dir: str | Path) -> Path:
     """The best checkpoint of a run directory, falling back to the last one.
 
@@ -42,7 +50,8 @@ def find_best_checkpoint(run_dir: str | Path) -> Path:
     last = folder / "last.ckpt"
     if last.is_file():
         for key, state in load_checkpoint(last).get("callbacks", {}).items():
-            best = state.get("best_model_path") if key.startswith("ModelCheckpoint") else None
+            monitored = key.startswith("ModelCheckpoint") and state.get("monitor") is not None
+            best = state.get("best_model_path") if monitored else None
             if best:
                 for candidate in (Path(best), folder / Path(best).name):
                     if candidate.is_file():

@@ -1,2 +1,3 @@
-"""Building blocks that are not models: gamma by Taylor series, and (as tasks land) the selective
-scan, sliding-window and plane attention, voxel hashing."""
+"""Building blocks that are not models: gamma by Taylor series (``taylor_gamma``), the selective
+scan (``selective_scan``), and (as tasks land) sliding-window and plane attention, voxel hashing.
+Import from the submodules (``from backbones.ops.selective_scan import selective_scan``)."""

@@ -80,6 +80,22 @@ def test_predict_writes_each_result_under_the_same_name(trained_run, lol_v1_root
     assert cli("predict", *args, "--data.init_args.predict_output_dir", str(out)) == 2
 
 
+def test_predict_that_fails_midway_leaves_no_outputs(trained_run, lol_v1_root, tmp_path, capsys):
+    inputs = tmp_path / "photos"
+    inputs.mkdir()
+    for path in sorted((lol_v1_root / "eval15" / "low").iterdir()):
+        (inputs / path.name).write_bytes(path.read_bytes())
+    broken = inputs / "z_truncated.png"
+    broken.write_bytes((inputs / "t0.png").read_bytes()[:200])  # read last, after the others were written
+    out = tmp_path / "enhanced"
+    args = [*_common(trained_run, lol_v1_root), "--ckpt_path", "best", "--data.init_args.predict_dir", str(inputs)]
+    assert cli("predict", *args, "--data.init_args.predict_output_dir", str(out), "--data.init_args.eval_batch_size", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(broken) in err[0]
+    assert not out.exists() or not list(out.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no staging folder left either
+
+
 def test_export_runs_in_onnxruntime_at_another_size(trained_run, lol_v1_root, tmp_path, capsys):
     onnx_path = tmp_path / "iagc.onnx"
     assert cli("export", *_common(trained_run, lol_v1_root), "--ckpt_path", "best", "--output", str(onnx_path)) == 0
@@ -141,3 +157,20 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(args, message, tmp_path
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+class _Payload:
+    """Stands for any pickled object in a checkpoint: unpickling it could run code."""
+
+
+@pytest.mark.parametrize("subcommand", ["test", "export", "fit"])
+def test_checkpoint_carrying_a_pickled_object_is_refused(subcommand, trained_run, lol_v1_root, tmp_path, capsys):
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["payload"] = _Payload()
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save(checkpoint, unsafe)
+    run = tmp_path / "run"
+    assert cli(subcommand, *_common(run, lol_v1_root), "--ckpt_path", str(unsafe)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(unsafe) in err[0] and "refused to load" in err[0]
+    assert not run.exists() or not list(run.rglob("*.ckpt"))  # nothing ran

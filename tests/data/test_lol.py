@@ -156,4 +156,7 @@ def test_predict_refuses_to_overwrite_existing_outputs(tmp_path):
 def test_write_prediction_keeps_names(tmp_path):
     dm = LowLightDataModule(predict_output_dir=str(tmp_path / "out"))
     dm.write_prediction(torch.rand(2, 3, 5, 7), ["one.png", "two.jpg"])
-    assert sorted(p.name for p in Path(tmp_path / "out").iterdir()) == ["one.png", "two.jpg"]
+    assert not (tmp_path / "out").exists()  # staged until predict ends
+    dm.finish_predictions()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["one.png", "two.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the staging folder is gone

@@ -1,0 +1,490 @@
+"""Selective scan: the input-dependent state-space recurrence of Mamba (S6).
+
+Gu and Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (2023), Sec. 3.2 and
+Algorithm 2. The calling convention and semantics are those of mamba-ssm's ``selective_scan_fn``
+(and of its loop reference ``selective_scan_ref``). For batch ``b``, channel ``d``, state ``n``:
+
+    delta  = softplus(delta + delta_bias)                 (bias, then softplus, each only if asked)
+    h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,      h_{-1} = 0
+    y_t    = sum_n C_t[n] * h_t[n]  +  D * u_t
+    out_t  = y_t * silu(z_t)                              (only if z is given)
+
+``B`` and ``C`` are (batch, state, length), or grouped (batch, groups, state, length) where channel
+``d`` reads group ``d // (channels // groups)`` (as mamba-ssm). Everything is computed in float32
+(float64 inputs in float64) and the output is cast back to ``u``'s dtype, like mamba-ssm.
+
+Implementations behind the one function ``selective_scan``:
+
+* **kernel**: CUDA tensors with mamba-ssm's compiled ``selective_scan_cuda`` importable.
+* **chunked** (everywhere else): an exact scan with no Python loop over the time steps. The length
+  is cut into ``n_chunks`` chunks of ``chunk ~ sqrt(length)`` positions (zero-padded: a padded step
+  has delta = 0, so decay 1 and no input, and carries the state unchanged).
+
+  1. Local pass: step through the ``chunk`` positions, every chunk at once, from a zero state;
+     this gives each chunk's end state as if it had started from zero.
+  2. Carry: a chunk's total decay is ``exp(A * sum of its deltas)``; a log-depth doubling scan
+     over the chunks combines (decay, local end state) pairs into the true state entering each.
+  3. Output pass: step through the positions again from the true entering states, contracting
+     each state with ``C_t`` as soon as it exists, so the states themselves are never stored
+     (the decays ``exp(delta_t * A)`` are, once, to serve both passes).
+
+  That is ``2 * chunk + log2(n_chunks)`` vectorised steps and O(length) work. Only products of
+  decays are ever formed, each in (0, 1] when ``A <= 0`` and ``delta >= 0``; nothing divides by
+  a cumulative product or takes differences of cumulative log-decays, so strong decay over long
+  sequences neither overflows nor underflows into NaN. The backward is written by hand: the
+  adjoint ``g_t = dL/dh_t`` obeys the reverse-time recurrence ``g_t = C_t dy_t + a_{t+1} g_{t+1}``
+  (``a_t = exp(delta_t * A)``), run with the same chunking backwards in time; it recomputes the
+  states from the saved chunk-entry states, so training keeps O(batch * channels * length)
+  activations per call, not O(... * state).
+* **doubling** (used automatically while exporting with ``torch.onnx.export`` / ``torch.export``):
+  the same two levels with both scans done by Hillis-Steele doubling, so the graph has a fixed
+  size and a dynamic length: ``log2(EXPORT_CHUNK)`` doublings inside the chunks, then
+  ``EXPORT_CHUNK_DOUBLINGS`` doublings across them, then a correction of every position by its
+  within-chunk cumulative decay. Longest length: ``EXPORT_MAX_LENGTH`` (131072); longer inputs
+  raise outside export (an exported graph cannot check, and would be wrong past it). Its autograd
+  backward is correct but slow: it is meant for export and inference.
+
+``selective_scan_sequential`` is the plain loop over time that the tests and the benchmark compare
+all of these with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: positions per chunk in the exported (doubling) graph; a power of two
+EXPORT_CHUNK = 64
+#: doublings across chunks in the exported graph: it is exact up to ``EXPORT_MAX_LENGTH`` positions
+EXPORT_CHUNK_DOUBLINGS = 11
+EXPORT_MAX_LENGTH = EXPORT_CHUNK * 2**EXPORT_CHUNK_DOUBLINGS
+
+BACKENDS = ("auto", "kernel", "chunked", "doubling")
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    backend: str = "auto",
+):
+    """Mamba's selective scan with mamba-ssm's ``selective_scan_fn`` semantics.
+
+    Args:
+        u: input, (batch, channels, length).
+        delta: step sizes before ``delta_bias``/softplus, (batch, channels, length).
+        A: state matrix (diagonal per channel), (channels, state), real.
+        B, C: input and output projections, (batch, state, length) or (batch, groups, state, length).
+        D: skip connection, (channels,).
+        z: gate, (batch, channels, length); the output is multiplied by ``silu(z)``.
+        delta_bias: added to ``delta`` before the softplus, (channels,).
+        delta_softplus: apply softplus to ``delta`` (after the bias).
+        return_last_state: also return the state after the last step, (batch, channels, state),
+            in the compute dtype. Unlike mamba-ssm's kernel, the suite's paths propagate its gradient.
+        backend: ``"auto"`` (kernel on CUDA with mamba-ssm, doubling while exporting, chunked
+            otherwise), or force ``"kernel"``, ``"chunked"`` or ``"doubling"``.
+
+    Returns:
+        (batch, channels, length) in ``u``'s dtype, or ``(out, last_state)``.
+    """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if backend not in BACKENDS:
+        raise ValueError(f"selective_scan: backend must be one of {BACKENDS}, got {backend!r}")
+    exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    if backend == "auto":
+        if exporting:
+            backend = "doubling"
+        elif u.is_cuda and u.dtype != torch.float64 and A.shape[1] <= 256 and _mamba_kernel() is not None:
+            backend = "kernel"
+        else:
+            backend = "chunked"
+    if backend == "kernel":
+        return _kernel_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    with torch.autocast(u.device.type, enabled=False):
+        u_c, delta_c = u.to(compute), _prepare_delta(delta, delta_bias, delta_softplus, compute)
+        A_c, B_c, C_c = A.to(compute), _grouped(B).to(compute), _grouped(C).to(compute)
+        if u.shape[-1] == 0:  # nothing to scan
+            y, last = u_c.clone(), u_c.new_zeros(*u.shape[:2], A.shape[1])
+        elif backend == "doubling":
+            y, last = selective_scan_doubling(u_c, delta_c, A_c, B_c, C_c)
+        else:
+            y, last = _ChunkedScan.apply(u_c, delta_c, A_c, B_c, C_c)
+        out = _skip_and_gate(y, u_c, D, z).to(u.dtype)
+    return (out, last) if return_last_state else out
+
+
+def selective_scan_sequential(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """The reference: the recurrence stepped one time position at a time (a Python loop over length).
+
+    Same arguments and result as ``selective_scan``; differentiable by autograd. Slow by design.
+    """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    with torch.autocast(u.device.type, enabled=False):
+        u_c, delta_c = u.to(compute), _prepare_delta(delta, delta_bias, delta_softplus, compute)
+        A_c = A.to(compute)
+        channels = u.shape[1]
+        # per-channel projections (batch, channels, state, length): group g serves channels_per_group channels
+        B_c = _grouped(B).to(compute).repeat_interleave(channels // _grouped(B).shape[1], dim=1)
+        C_c = _grouped(C).to(compute).repeat_interleave(channels // _grouped(C).shape[1], dim=1)
+        h = u_c.new_zeros(u.shape[0], channels, A.shape[1])
+        ys = []
+        # unbind (not indexing) so that the backward stacks the per-step gradients in O(length)
+        for delta_t, u_t, B_t, C_t in zip(delta_c.unbind(-1), u_c.unbind(-1), B_c.unbind(-1), C_c.unbind(-1)):
+            h = torch.exp(delta_t[..., None] * A_c) * h + (delta_t * u_t)[..., None] * B_t
+            ys.append((h * C_t).sum(-1))
+        y = torch.stack(ys, dim=-1) if ys else u_c.clone()
+        out = _skip_and_gate(y, u_c, D, z).to(u.dtype)
+    return (out, h) if return_last_state else out
+
+
+# -- shared pieces ------------------------------------------------------------------------------
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
+    """One clear error per malformed argument, naming its shape and the expected one."""
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, channels, length), got shape {tuple(u.shape)}")
+    batch, channels, length = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"selective_scan: delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.is_complex():
+        raise ValueError("selective_scan: complex A is not supported (the suite's scan is for real A, as Mamba's)")
+    if A.dim() != 2 or A.shape[0] != channels:
+        raise ValueError(f"selective_scan: A must be (channels={channels}, state), got shape {tuple(A.shape)}")
+    state = A.shape[1]
+    groups = []
+    for name, proj in (("B", B), ("C", C)):
+        if proj.dim() == 2:
+            raise ValueError(
+                f"selective_scan: time-invariant {name} of shape (channels, state) is not supported; pass it "
+                f"per channel as {name}[None, :, :, None].expand({batch}, -1, -1, {length}) (groups = channels)"
+            )
+        if proj.dim() == 3 and proj.shape != (batch, state, length):
+            raise ValueError(
+                f"selective_scan: {name} must be (batch, state, length) = {(batch, state, length)} "
+                f"or (batch, groups, state, length), got shape {tuple(proj.shape)}"
+            )
+        if proj.dim() == 4 and (
+            proj.shape[0] != batch or proj.shape[2:] != (state, length) or channels % proj.shape[1] != 0
+        ):
+            raise ValueError(
+                f"selective_scan: grouped {name} must be (batch={batch}, groups, state={state}, length={length}) "
+                f"with groups dividing channels={channels}, got shape {tuple(proj.shape)}"
+            )
+        if proj.dim() not in (3, 4):
+            raise ValueError(f"selective_scan: {name} must be 3-D or 4-D, got shape {tuple(proj.shape)}")
+        groups.append(1 if proj.dim() == 3 else proj.shape[1])
+    if groups[0] != groups[1]:
+        raise ValueError(
+            f"selective_scan: B and C must have the same number of groups, got {groups[0]} and {groups[1]}"
+        )
+    for name, vector in (("D", D), ("delta_bias", delta_bias)):
+        if vector is not None and vector.shape != (channels,):
+            raise ValueError(f"selective_scan: {name} must be (channels,) = ({channels},), got {tuple(vector.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"selective_scan: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+
+
+def _prepare_delta(delta, delta_bias, delta_softplus, dtype):
+    """delta + delta_bias, then softplus: the order of mamba-ssm's kernel and reference."""
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return delta
+
+
+def _grouped(proj: torch.Tensor) -> torch.Tensor:
+    """(batch, state, length) -> (batch, 1, state, length); grouped projections pass through."""
+    return proj.unsqueeze(1) if proj.dim() == 3 else proj
+
+
+def _skip_and_gate(y, u, D, z):
+    if D is not None:
+        y = y + u * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
+# -- chunked scan (CPU, and CUDA without mamba-ssm) ---------------------------------------------
+
+
+def chunk_size(length: int) -> int:
+    """Positions per chunk: about sqrt(length), which balances the two levels' step counts."""
+    return max(1, math.ceil(math.sqrt(length)))
+
+
+def _to_steps(x: torch.Tensor, chunk: int, n_chunks: int) -> torch.Tensor:
+    """(batch, *mid, length) -> (chunk, batch, n_chunks, *mid), zero-padded, contiguous.
+
+    Position ``t`` of every chunk is then one contiguous slice ``x[t]``.
+    """
+    pad = chunk * n_chunks - x.shape[-1]
+    if pad:
+        x = F.pad(x, (0, pad))
+    x = x.unflatten(-1, (n_chunks, chunk))  # (batch, *mid, n_chunks, chunk)
+    return x.movedim(-1, 0).movedim(-1, 2).contiguous()
+
+
+def _from_steps(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of ``_to_steps``: (chunk, batch, n_chunks, *mid) -> (batch, *mid, length)."""
+    x = x.movedim(2, -1).movedim(0, -1)  # (batch, *mid, n_chunks, chunk)
+    return x.flatten(-2)[..., :length]
+
+
+def _shift(x: torch.Tensor, k: int, dim: int, fill: float) -> torch.Tensor:
+    """``out[c] = x[c - k]`` along ``dim`` (``dim >= 0``), ``fill`` where ``c < k``; exportable for any ``k``."""
+    source, inside = _shift_index(x, k, dim)
+    return torch.where(inside, x.index_select(dim, source), fill)
+
+
+def _shift_index(x: torch.Tensor, k: int, dim: int):
+    """Where ``_shift`` reads from, and the mask of positions that have a source (``c >= k``)."""
+    index = torch.arange(x.shape[dim], device=x.device) - k
+    return index.clamp(min=0), (index >= 0).view([-1] + [1] * (x.dim() - dim - 1))
+
+
+def _doubling_scan(decay: torch.Tensor, x: torch.Tensor, dim: int, steps: int):
+    """Inclusive scan ``x_c <- decay_c * x_{c-1} + x_c`` along ``dim`` by Hillis-Steele doubling.
+
+    Returns the scanned ``x`` and the inclusive prefix products of ``decay``. Exact for
+    ``x.shape[dim] <= 2**steps``; every step shifts by an index, never by a size-dependent slice,
+    so ``steps`` may exceed what the length needs (the exported graph relies on it).
+    """
+    for i in range(steps):
+        source, inside = _shift_index(x, 1 << i, dim)
+        x = x + torch.where(inside, decay * x.index_select(dim, source), 0.0)
+        decay = torch.where(inside, decay * decay.index_select(dim, source), decay)
+    return x, decay
+
+
+class _Steps:
+    """The chunked scan's inputs laid out step-major: ``x[t]`` is position ``t`` of every chunk.
+
+    Shapes (``G`` groups of ``H`` channels): ``dt`` and ``dtu`` (delta * u) are
+    (chunk, batch, n_chunks, G, H); ``B`` and ``C`` are (chunk, batch, n_chunks, G, 1, state),
+    rows ready for ``row @ matrix`` products; ``A`` is (G, H, state).
+    """
+
+    def __init__(self, u, delta, A, B, C):
+        batch, channels, self.length = u.shape
+        groups, state = B.shape[1], A.shape[1]
+        self.chunk = chunk_size(self.length)
+        self.n_chunks = math.ceil(self.length / self.chunk)
+        self.per_group = (groups, channels // groups)
+        self.A = A.reshape(*self.per_group, state)
+        self.dt = self.steps(delta)
+        self.dtu = self.steps(delta * u)
+        self.B = _to_steps(B, self.chunk, self.n_chunks).unsqueeze(-2)
+        self.C = _to_steps(C, self.chunk, self.n_chunks).unsqueeze(-2)
+
+    def steps(self, x):
+        """(batch, channels, length) -> (chunk, batch, n_chunks, G, H)."""
+        return _to_steps(x.unflatten(1, self.per_group), self.chunk, self.n_chunks)
+
+    def unsteps(self, x):
+        """(chunk, batch, n_chunks, G, H, ...) -> (batch, channels, length, ...)."""
+        return _from_steps(x, self.length).flatten(1, 2)
+
+    def decays(self):
+        """exp(delta_t * A) for every step: (chunk, batch, n_chunks, G, H, state), one buffer."""
+        decays = torch.mul(self.dt[..., None], self.A)
+        return decays.exp_()
+
+    def chunk_decay(self):
+        """Each chunk's total decay exp(A * sum of its deltas), in (0, 1] for A <= 0 <= delta."""
+        return torch.exp(self.dt.sum(0)[..., None] * self.A)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The chunked scan with its hand-written backward (see the module docstring).
+
+    Inputs are already in the compute dtype: u, delta (batch, channels, length) with the bias and
+    softplus applied; A (channels, state); B, C (batch, groups, state, length).
+    Returns y = sum_n C h (batch, channels, length) and the last state (batch, channels, state).
+
+    Memory: the forward holds one (chunk, batch, n_chunks, G, H, state) buffer (the decays) and
+    saves only the small inputs and the chunk-entry states; the backward recomputes the decays and
+    the states (two buffers of that size, alive only during the backward). Each loop step works on
+    one step slice of every chunk, small enough to stay in cache. States are (H, state) matrices
+    per (batch, chunk, group); contractions over the state are written ``row @ matrix.mT``, the
+    fast vector-matrix product on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        s = _Steps(u, delta, A, B, C)
+        decays = s.decays()
+        # 1. local pass from a zero state
+        h = torch.zeros_like(decays[0])
+        for t in range(s.chunk):
+            h.mul_(decays[t]).addcmul_(s.dtu[t, ..., None], s.B[t])
+        # 2. carry across chunks: true state at the end of every chunk, then the one entering it
+        chunk_decay = s.chunk_decay()
+        ends, _ = _doubling_scan(chunk_decay, h, dim=1, steps=(s.n_chunks - 1).bit_length())
+        entering = _shift(ends, 1, dim=1, fill=0.0)
+        # 3. output pass from the entering states, contracting with C_t at once
+        h = entering.clone()
+        y = s.dt.new_empty(*s.dt.shape[:-1], 1, s.dt.shape[-1])  # (chunk, batch, n_chunks, G, 1, H)
+        for t in range(s.chunk):
+            h.mul_(decays[t]).addcmul_(s.dtu[t, ..., None], s.B[t])
+            torch.matmul(s.C[t], h.mT, out=y[t])
+        ctx.save_for_backward(u, delta, A, B, C, entering, chunk_decay)
+        return s.unsteps(y.squeeze(-2)), ends[:, -1].flatten(1, 2)
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, entering, chunk_decay = ctx.saved_tensors
+        s = _Steps(u, delta, A, B, C)
+        dy_s = s.steps(dy)
+        decays = s.decays()
+
+        # states of every step (the second full-size buffer), and, from the same pass, what each
+        # chunk's adjoints pass to the chunk before when started from zero at the chunk's end:
+        # flow_c = a_0 g_0 = sum_t (a_0 ... a_t) C_t dy_t
+        hs = torch.empty_like(decays)
+        flow = torch.zeros_like(entering)
+        h = entering
+        for t in range(s.chunk):
+            torch.mul(decays[t], h, out=hs[t])
+            hs[t].addcmul_(s.dtu[t, ..., None], s.B[t])
+            h = hs[t]
+            prefix = decays[0].clone() if t == 0 else prefix.mul_(decays[t])
+            flow.addcmul_(prefix * dy_s[t, ..., None], s.C[t])
+        # carry backwards across chunks; the last state's gradient enters after the last step
+        seed = dlast.unflatten(1, s.per_group)
+        flow[:, -1] += chunk_decay[:, -1] * seed
+        flow, _ = _doubling_scan(chunk_decay.flip(1), flow.flip(1), dim=1, steps=(s.n_chunks - 1).bit_length())
+        g = torch.cat([flow.flip(1)[:, 1:], seed[:, None]], dim=1)  # a_0 g_0 of the chunk after
+
+        # reverse pass from the true adjoints g_t = C_t dy_t + a_{t+1} g_{t+1}, gradients per step
+        grad_A = torch.zeros_like(g)
+        d_dt = torch.empty_like(s.dt)  # sum_n A a_t h_{t-1} g_t
+        gB = torch.empty_like(s.dt).unsqueeze(-2)  # sum_n B_t g_t
+        grad_B = torch.empty_like(s.B)
+        grad_C = torch.empty_like(s.C)
+        q = torch.empty_like(g)
+        for t in reversed(range(s.chunk)):
+            g.addcmul_(dy_s[t, ..., None], s.C[t])
+            torch.matmul(dy_s[t].unsqueeze(-2), hs[t], out=grad_C[t])
+            torch.matmul(s.dtu[t].unsqueeze(-2), g, out=grad_B[t])
+            torch.matmul(s.B[t], g.mT, out=gB[t])
+            torch.mul(decays[t], hs[t - 1] if t > 0 else entering, out=q)
+            q.mul_(g)  # a_t h_{t-1} g_t
+            grad_A.addcmul_(s.dt[t, ..., None], q)
+            torch.sum(q.mul_(s.A), dim=-1, out=d_dt[t])
+            g.mul_(decays[t])
+
+        gB = s.unsteps(gB.squeeze(-2))
+        grad_u = delta * gB
+        grad_delta = torch.addcmul(s.unsteps(d_dt), u, gB)
+        grad_A = grad_A.sum((0, 1)).flatten(0, 1)
+        grad_B = _from_steps(grad_B.squeeze(-2), s.length)  # (batch, G, state, length)
+        grad_C = _from_steps(grad_C.squeeze(-2), s.length)
+        return grad_u, grad_delta, grad_A, grad_B, grad_C
+
+
+# -- doubling scan (exported graphs) -------------------------------------------------------------
+
+
+def selective_scan_doubling(u, delta, A, B, C):
+    """The scan with a graph whose size does not depend on the length (for ONNX export).
+
+    Same inputs and outputs as ``_ChunkedScan`` (compute dtype, bias and softplus applied); plain
+    differentiable torch ops. Exact for lengths up to ``EXPORT_MAX_LENGTH``.
+    """
+    batch, channels, length = u.shape
+    exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    if not exporting and length > EXPORT_MAX_LENGTH:
+        raise ValueError(
+            f"selective_scan: the doubling (export) scan is exact up to {EXPORT_MAX_LENGTH} positions, got {length}"
+        )
+    groups, state = B.shape[1], A.shape[1]
+    per_group = (groups, channels // groups)
+    chunk = EXPORT_CHUNK
+    # one or two chunks more than needed: with n_chunks = length // chunk + 2 torch.export can prove
+    # n_chunks >= 2 and n_chunks * chunk >= length, so the graph stays dynamic (no specialisation)
+    n_chunks = length // chunk + 2
+
+    def blocks(x):  # (batch, *mid, length) -> (batch, n_chunks, chunk, *mid), zero-padded
+        # unfold, not reshape: reshape makes torch.export guard on divisibility it cannot prove
+        x = F.pad(x, (0, n_chunks * chunk - length)).unfold(-1, chunk, chunk)
+        return x.movedim(-2, 1).movedim(-1, 2)
+
+    dt = blocks(delta.unflatten(1, per_group))  # (batch, n_chunks, chunk, G, H)
+    dtu = blocks((delta * u).unflatten(1, per_group))
+    decay = torch.exp(dt[..., None] * A.reshape(*per_group, state))
+    inject = dtu[..., None] * blocks(B).unsqueeze(-2)  # (batch, n_chunks, chunk, G, H, state)
+    local, cumulative = _doubling_scan(decay, inject, dim=2, steps=int(math.log2(chunk)))
+    ends, _ = _doubling_scan(cumulative[:, :, -1], local[:, :, -1], dim=1, steps=EXPORT_CHUNK_DOUBLINGS)
+    entering = _shift(ends, 1, dim=1, fill=0.0)
+    h = local + cumulative * entering[:, :, None]
+    y = (h * blocks(C).unsqueeze(-2)).sum(-1)  # (batch, n_chunks, chunk, G, H)
+    y = y.movedim(2, -1).movedim(1, -2).reshape(batch, channels, n_chunks * chunk)
+    # drop the padding by gathering (slicing makes torch.export guard on a bound it cannot prove)
+    y = y.index_select(-1, torch.arange(length, device=y.device))
+    return y, ends[:, -1].reshape(batch, channels, state)
+
+
+# -- mamba-ssm's CUDA kernel --------------------------------------------------------------------
+
+_KERNEL: list = []  # cache: [selective_scan_fn or None]
+
+
+def _mamba_kernel():
+    """mamba-ssm's ``selective_scan_fn`` if its compiled CUDA extension imports, else None."""
+    if not _KERNEL:
+        try:
+            from mamba_ssm.ops import selective_scan_interface as interface
+        except Exception:  # not installed, or installed without its CUDA build (import fails on old versions)
+            interface = None
+        has_cuda_build = interface is not None and getattr(interface, "selective_scan_cuda", None) is not None
+        _KERNEL.append(interface.selective_scan_fn if has_cuda_build else None)
+    return _KERNEL[0]
+
+
+def _kernel_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """Call mamba-ssm's kernel, meeting its dtype rules: u, delta, B, C, z in one of float32,
+    float16, bfloat16 (all float32 if they differ); A, D, delta_bias in float32."""
+    kernel = _mamba_kernel()
+    if kernel is None or not u.is_cuda:
+        raise RuntimeError("selective_scan: backend='kernel' needs CUDA tensors and mamba-ssm built with CUDA")
+    activations = [x for x in (u, delta, B, C, z) if x is not None]
+    dtype = u.dtype if len({x.dtype for x in activations}) == 1 else torch.float32
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+    to_float = lambda x: None if x is None else x.float()  # noqa: E731
+    result = kernel(
+        cast(u), cast(delta), A.float(), cast(B), cast(C), to_float(D), cast(z), to_float(delta_bias),
+        delta_softplus, return_last_state,
+    )
+    if return_last_state:
+        return result[0].to(u.dtype), result[1]
+    return result.to(u.dtype)
