@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 from data.base import BaseDataModule, cache_root
 from data.correspondences import FeatureCache, FPFHParams, select_correspondences
 from data.errors import BadPointCloudError, DatasetNotFoundError, UnreadableFileError
+from data.sampling import SampleKey, sample_key
 
 POINT_CLOUD_SUFFIXES = (".ply", ".pcd", ".npz", ".bin")
 
@@ -173,13 +174,17 @@ class RegistrationDataset(Dataset):
             transform = np.asarray(pair.transform, dtype=np.float64)
         return src, src_feat, tgt, tgt_feat, candidates, transform
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: SampleKey) -> dict:
+        """One pair; a training key ``(index, seed)`` draws the motion, jitter, swap and the K
+        correspondences from ``seed`` alone, so a resumed fit replays the same samples."""
+        index, seed = sample_key(key)
         pair = self.pairs[index]
         src, src_feat, tgt, tgt_feat, candidates, transform = self.prepared(index)
         rng = None
         if self.augmentation is not None:
-            # drawn from torch's generator, so seed_everything (and Lightning's worker seeding) controls it
-            rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ())))
+            if seed is None:
+                raise ValueError("an augmenting dataset needs (index, seed) keys (data.sampling.ResumableSampler)")
+            rng = np.random.default_rng(seed)
             src, tgt, src_feat, tgt_feat, candidates, transform = self._augment(
                 rng, src, tgt, src_feat, tgt_feat, candidates, transform
             )

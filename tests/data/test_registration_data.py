@@ -159,11 +159,30 @@ def test_samples_batch_into_k_correspondences_with_offsets_and_consistent_ground
 
     inliers = residuals(first) < 0.1
     assert inliers.float().mean() > 0.3  # identical clouds: FPFH finds many right matches
-    torch.manual_seed(0)
     augmented = RegistrationDataset(pairs, cache, 64, Augmentation(jitter=0.0))
-    for _ in range(3):  # random motions and swaps keep the ground truth consistent with the points
-        sample = augmented[0]
+    for seed in range(3):  # random motions and swaps keep the ground truth consistent with the points
+        sample = augmented[(0, seed)]
         assert (residuals(sample) < 0.1).float().mean() == pytest.approx(inliers.float().mean().item(), abs=0.15)
+
+
+def test_training_samples_are_drawn_from_their_key_seed_alone(tmp_path):
+    room = room_points(4)
+    motion = random_motion(6)
+    write_ply(tmp_path / "a.ply", room)
+    write_ply(tmp_path / "b.ply", moved(room, motion))
+    pairs = [RegistrationPair("ab", tmp_path / "a.ply", tmp_path / "b.ply", motion)]
+    augmented = RegistrationDataset(pairs, FeatureCache(None, FPFHParams()), 32, Augmentation())
+    torch.manual_seed(0)
+    np.random.seed(0)
+    first = augmented[(0, 11)]
+    torch.manual_seed(1)  # global random state plays no part
+    np.random.seed(1)
+    again, other = augmented[(0, 11)], augmented[(0, 12)]
+    for key in ("correspondences", "src", "tgt", "transform"):
+        assert torch.equal(first[key], again[key])
+    assert not torch.equal(first["transform"], other["transform"])
+    with pytest.raises(ValueError, match=r"\(index, seed\) keys"):
+        augmented[0]
 
 
 # -- 3DMatch / 3DLoMatch -----------------------------------------------------------------------
