@@ -27,6 +27,7 @@ def view_rotation(azimuth_degrees: float = 35.0, elevation_degrees: float = 55.0
     return tilt @ turn
 
 
+@torch.autocast("cpu", enabled=False)  # drawn in float32 even inside a bf16-mixed step
 def render_points(
     clouds: list[tuple[torch.Tensor, tuple[float, float, float]]],
     rotation: torch.Tensor,
@@ -72,6 +73,7 @@ def _caption(image: torch.Tensor, text: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(pixels).copy()).permute(2, 0, 1).float() / 255
 
 
+@torch.autocast("cpu", enabled=False)
 def pair_panel(
     source: torch.Tensor,
     target: torch.Tensor,

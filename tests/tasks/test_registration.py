@@ -291,3 +291,23 @@ def test_open3d_baselines_recover_a_pair_with_matching_features():
         assert prediction["inliers"].shape == (1, 300)
     prediction = baselines.fast_global_registration(batch, tau=0.1)
     assert rotation_error_degrees(prediction["transform"], batch["transform"]).item() < 2.0
+
+
+def test_bf16_autocast_trains_scores_and_draws_in_float32_where_it_matters():
+    """What a ``--trainer.precision bf16-mixed`` step runs: the loss, the search, the metrics, the picture."""
+    batch = synthetic_batch(count=200, inlier_fraction=0.5, seed=3)
+    torch.manual_seed(0)
+    task = PointCloudRegistration(num_layers=2, channels=16, belief_size=16, hidden_size=16, state_size=8, label_size=4, min_seeds=50)
+    task.log = task.log_dict = lambda *args, **kwargs: None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = task.training_step(batch, 0)
+        loss.backward()
+        task.eval()
+        with torch.no_grad():
+            prediction = task.predict_batch(batch)
+            metrics = task.configure_metrics()
+            task.update_metrics(metrics, prediction, batch)
+            (panel,) = task.example_panels(batch, prediction)
+    assert torch.isfinite(loss) and prediction["transform"].dtype == torch.float32
+    assert metrics.compute()["rr"] == 100.0  # (percent) half the correspondences are inliers: found despite bf16 features
+    assert panel.dtype == torch.float32 and panel.shape[0] == 3
