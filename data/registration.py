@@ -249,6 +249,11 @@ def precompute_features(pairs: list[RegistrationPair], cache: FeatureCache) -> N
             dataset.prepared(index)
 
 
+def aligned_suffix(source: Path) -> str:
+    """The aligned cloud keeps a ``.ply`` / ``.pcd`` source's format; other inputs become ``.ply``."""
+    return ".pcd" if source.suffix.lower() == ".pcd" else ".ply"
+
+
 def write_atomically(path: Path, write) -> None:
     """Call ``write(tmp_path)`` on a temporary sibling of ``path`` and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,6 +261,9 @@ def write_atomically(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the output from other users
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -278,8 +286,8 @@ class RegistrationDataModule(BaseDataModule):
             augmentation (``Augmentation``).
         predict_source / predict_target: the two clouds (``.ply`` / ``.pcd`` / ``.npz`` / ``.bin``)
             that ``predict`` registers; it writes ``<source>_to_<target>.txt`` (the 4 x 4
-            transform) and ``<source>_to_<target>.ply`` (the source cloud moved onto the target)
-            into ``predict_output_dir``.
+            transform) and ``<source>_to_<target>.ply`` (the source cloud moved onto the target;
+            ``.pcd`` for a ``.pcd`` source) into ``predict_output_dir``.
         **kwargs: ``BaseDataModule`` arguments (root, batch sizes, workers, predict_output_dir).
     """
 
@@ -352,19 +360,20 @@ class RegistrationDataModule(BaseDataModule):
         for path in (source, target):
             read_point_cloud(path)  # fail now, with the file's name, not inside the loader
         name = f"{source.stem}_to_{target.stem}"
-        self.prediction_paths([f"{name}.txt", f"{name}.ply"])  # refuse before computing anything
+        self.prediction_paths([f"{name}.txt", f"{name}{aligned_suffix(source)}"])  # refuse before computing anything
         pair = RegistrationPair(name, source, target)
         self._predict_pairs = {name: pair}
         self.datasets["predict"] = RegistrationDataset([pair], FeatureCache(None, self.fpfh), self.eval_num_correspondences)
         self.dataset_name = name
 
     def write_prediction(self, prediction: dict, names: list[str]) -> None:
-        """``<name>.txt``: the 4 x 4 transform; ``<name>.ply``: the full source cloud moved by it."""
+        """``<name>.txt``: the 4 x 4 transform; ``<name>.ply`` (``.pcd`` for a ``.pcd`` source): the
+        full source cloud, colours and normals kept, moved by it."""
         for transform, name in zip(prediction["transform"], names):
             matrix = transform.detach().double().cpu().numpy()
-            text_path, cloud_path = self.prediction_paths([f"{name}.txt", f"{name}.ply"])
-            write_atomically(text_path, lambda tmp: np.savetxt(tmp, matrix, fmt="%.9f"))
             source = self._predict_pairs[name].source
+            text_path, cloud_path = self.prediction_paths([f"{name}.txt", f"{name}{aligned_suffix(source)}"])
+            write_atomically(text_path, lambda tmp: np.savetxt(tmp, matrix, fmt="%.9f"))
             if source.suffix.lower() in (".ply", ".pcd"):
                 cloud = o3d.io.read_point_cloud(str(source))
             else:

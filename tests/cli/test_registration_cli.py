@@ -82,6 +82,17 @@ def test_predict_writes_the_transform_and_the_aligned_source(trained_run, tmp_pa
     capsys.readouterr()
     assert cli("predict", *args) == 2  # never overwrites
     assert "already exists" in capsys.readouterr().err
+    # .pcd in, .pcd out
+    for name in ("cloud_bin_0", "cloud_bin_1"):
+        o3d.io.write_point_cloud(str(tmp_path / f"{name}.pcd"), o3d.io.read_point_cloud(str(scene / f"{name}.ply")))
+    pcd_out = tmp_path / "aligned_pcd"
+    pcd_args = [*common(trained_run), "--ckpt_path", "best", "--data.predict_source", str(tmp_path / "cloud_bin_0.pcd"),
+                "--data.predict_target", str(tmp_path / "cloud_bin_1.pcd"), "--data.predict_output_dir", str(pcd_out)]  # fmt: skip
+    assert cli("predict", *pcd_args) == 0
+    assert sorted(p.name for p in pcd_out.iterdir()) == ["cloud_bin_0_to_cloud_bin_1.pcd", "cloud_bin_0_to_cloud_bin_1.txt"]
+    assert np.allclose(np.loadtxt(pcd_out / "cloud_bin_0_to_cloud_bin_1.txt"), transform, atol=1e-5)  # same pair, same answer
+    aligned_pcd = np.asarray(o3d.io.read_point_cloud(str(pcd_out / "cloud_bin_0_to_cloud_bin_1.pcd")).points)
+    assert np.allclose(aligned_pcd, aligned, atol=1e-4)
 
 
 def test_leaderboard_scores_vbreg_beside_ransac_and_fgr(trained_run, tmp_path):
