@@ -16,7 +16,9 @@ key                shape / type                  meaning
 ``feat``           (N, C) float                  point features
 ``offset``         (B,) int64                    cumulative point counts: cloud b ends at offset[b]
 ``segment``        (N,) int64                    per-point class index
-``src``, ``tgt``   (N, 3) float                  registration source / target clouds
+``src``, ``tgt``   (N, 3) float                  registration source / target keypoints, concatenated
+                                                 (per-pair ends in ``src_offset`` / ``tgt_offset``;
+                                                 all registration keys: ``data/registration.py``)
 ``correspondences`` (B, K, 2) int64              index pairs into src / tgt
 ``transform``      (B, 4, 4) float               rigid transform taking src onto tgt
 ``name``           list[str]                     file name of each sample (for writing outputs)
@@ -52,4 +54,17 @@ __all__ = [
     "PointFileDataModule",
     "S3DISDataModule",
     "ScanNetDataModule",
+from data.kitti_odometry import KittiOdometryDataModule  # noqa: E402
+from data.registration import RegistrationDataModule  # noqa: E402
+from data.registration_pairs import RegistrationPairsDataModule  # noqa: E402
+from data.threedmatch import ThreeDMatchDataModule  # noqa: E402
+
+__all__ = [
+    "BaseDataModule",
+    "DatasetError",
+    "KittiOdometryDataModule",
+    "LowLightDataModule",
+    "RegistrationDataModule",
+    "RegistrationPairsDataModule",
+    "ThreeDMatchDataModule",
 ]

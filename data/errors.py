@@ -61,3 +61,5 @@ class IntensityRangeError(DatasetError):
     """An image's values lie outside the range its format promises (CT not windowed to [0, 1])."""
 class InvalidValueError(DatasetError):
     """A file decodes but holds values that cannot be used (NaN or infinite coordinates)."""
+class BadPointCloudError(DatasetError):
+    """A point cloud holds no points, too few to register, or non-finite (NaN / inf) coordinates."""

@@ -13,3 +13,6 @@ __all__ = ["BaseTask", "EchoVideoSegmentation", "LowLightEnhancement"]
 from tasks.point_segmentation import PointSegmentation
 
 __all__ = ["BaseTask", "LowLightEnhancement", "PointSegmentation"]
+from tasks.registration import PointCloudRegistration
+
+__all__ = ["BaseTask", "LowLightEnhancement", "PointCloudRegistration"]
