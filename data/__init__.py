@@ -35,36 +35,29 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from data.base import BaseDataModule  # noqa: E402
 from data.echo_uda import EchoUDADataModule  # noqa: E402
 from data.errors import DatasetError  # noqa: E402
-from data.lol import LowLightDataModule  # noqa: E402
-from data.scene_folders import SceneClassificationDataModule  # noqa: E402
-
-__all__ = ["BaseDataModule", "DatasetError", "LowLightDataModule", "SceneClassificationDataModule"]
-from data.synapse import SynapseDataModule  # noqa: E402
-
-__all__ = ["BaseDataModule", "DatasetError", "LowLightDataModule", "SynapseDataModule"]
-__all__ = ["BaseDataModule", "DatasetError", "EchoUDADataModule", "LowLightDataModule"]
-from data.point_files import PointFileDataModule  # noqa: E402
-from data.s3dis import S3DISDataModule  # noqa: E402
-from data.scannet import ScanNetDataModule  # noqa: E402
-
-__all__ = [
-    "BaseDataModule",
-    "DatasetError",
-    "LowLightDataModule",
-    "PointFileDataModule",
-    "S3DISDataModule",
-    "ScanNetDataModule",
 from data.kitti_odometry import KittiOdometryDataModule  # noqa: E402
+from data.lol import LowLightDataModule  # noqa: E402
+from data.point_files import PointFileDataModule  # noqa: E402
 from data.registration import RegistrationDataModule  # noqa: E402
 from data.registration_pairs import RegistrationPairsDataModule  # noqa: E402
+from data.s3dis import S3DISDataModule  # noqa: E402
+from data.scannet import ScanNetDataModule  # noqa: E402
+from data.scene_folders import SceneClassificationDataModule  # noqa: E402
+from data.synapse import SynapseDataModule  # noqa: E402
 from data.threedmatch import ThreeDMatchDataModule  # noqa: E402
 
 __all__ = [
     "BaseDataModule",
     "DatasetError",
+    "EchoUDADataModule",
     "KittiOdometryDataModule",
     "LowLightDataModule",
+    "PointFileDataModule",
     "RegistrationDataModule",
     "RegistrationPairsDataModule",
+    "S3DISDataModule",
+    "ScanNetDataModule",
+    "SceneClassificationDataModule",
+    "SynapseDataModule",
     "ThreeDMatchDataModule",
 ]

@@ -57,9 +57,15 @@ class OutputExistsError(DatasetError):
 class SplitError(DatasetError):
     """A train / val / test split is unusable: a class with no image in a split, an image listed
     twice, or a listed file outside the class folders."""
+
+
 class IntensityRangeError(DatasetError):
     """An image's values lie outside the range its format promises (CT not windowed to [0, 1])."""
+
+
 class InvalidValueError(DatasetError):
     """A file decodes but holds values that cannot be used (NaN or infinite coordinates)."""
+
+
 class BadPointCloudError(DatasetError):
     """A point cloud holds no points, too few to register, or non-finite (NaN / inf) coordinates."""

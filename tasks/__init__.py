@@ -3,16 +3,17 @@
 from tasks.base import BaseTask
 from tasks.echo_uda import EchoVideoSegmentation
 from tasks.low_light import LowLightEnhancement
+from tasks.medical_segmentation import MedicalSegmentation
+from tasks.point_segmentation import PointSegmentation
+from tasks.registration import PointCloudRegistration
 from tasks.scene_classification import SceneClassification
 
-__all__ = ["BaseTask", "LowLightEnhancement", "SceneClassification"]
-from tasks.medical_segmentation import MedicalSegmentation
-
-__all__ = ["BaseTask", "LowLightEnhancement", "MedicalSegmentation"]
-__all__ = ["BaseTask", "EchoVideoSegmentation", "LowLightEnhancement"]
-from tasks.point_segmentation import PointSegmentation
-
-__all__ = ["BaseTask", "LowLightEnhancement", "PointSegmentation"]
-from tasks.registration import PointCloudRegistration
-
-__all__ = ["BaseTask", "LowLightEnhancement", "PointCloudRegistration"]
+__all__ = [
+    "BaseTask",
+    "EchoVideoSegmentation",
+    "LowLightEnhancement",
+    "MedicalSegmentation",
+    "PointCloudRegistration",
+    "PointSegmentation",
+    "SceneClassification",
+]
