@@ -120,7 +120,7 @@ class BaseDataModule(pl.LightningDataModule):
         drop_last = shuffle and len(dataset) > batch_size
         # Training draws (index, augmentation seed) keys in an order a resumed fit can replay.
         # Evaluation shards the split across DDP ranks without repeating any sample.
-        sampler = ResumableSampler(dataset, seed=global_seed()) if shuffle else ShardedEvalSampler(dataset)
+        sampler = ResumableSampler(dataset, seed=global_seed()) if shuffle else ShardedEvalSampler(dataset, split)
         return DataLoader(
             dataset,
             batch_size=batch_size,

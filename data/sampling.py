@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
+from data.errors import SplitError
+
 #: a training key: (dataset index, augmentation seed); evaluation loaders pass plain indices
 SampleKey = Union[int, tuple[int, int]]
 
@@ -104,12 +106,18 @@ class ShardedEvalSampler(DistributedSampler):
     are torchmetrics, reduced at the end of the epoch). One process sees the whole split in order.
     """
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset, split: str = "evaluation"):
         super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
+        self.split = split
 
     def _sync_world(self) -> None:
         if dist.is_available() and dist.is_initialized():
             self.num_replicas, self.rank = dist.get_world_size(), dist.get_rank()
+        if len(self.dataset) < self.num_replicas:  # a rank with nothing to evaluate stops Lightning
+            raise SplitError(
+                f"the {self.split} split has {len(self.dataset)} sample(s), fewer than the "
+                f"{self.num_replicas} processes; use fewer devices or a larger split"
+            )
         self.num_samples = len(range(self.rank, len(self.dataset), self.num_replicas))
         self.total_size = len(self.dataset)
 
