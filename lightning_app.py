@@ -33,6 +33,7 @@ import pytorch_lightning as pl  # noqa: E402
 from jsonargparse import ArgumentError  # noqa: E402
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: E402
 from pytorch_lightning.cli import LightningCLI  # noqa: E402
+from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
 import data  # noqa: E402,F401  (registers the datamodules)
 import tasks  # noqa: E402,F401  (registers the tasks)
@@ -51,6 +52,8 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
 warnings.filterwarnings("ignore", message=r".*fit\(ckpt_path=None\)` was called without a model")
 warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # a resumed run's own
+# ExactResume (tasks/callbacks.py) skips the trained batches through the sampler, not a loader state_dict.
+warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip")  # advertisements for cloud services
 )
@@ -228,6 +231,9 @@ def main(args: Optional[list[str]] = None) -> int:
                 parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in SuiteCLI.subcommands()}},
                 args=None if args is None else argv,
             )
+    except (SIGTERMException, KeyboardInterrupt) as error:  # InterruptCheckpoint saved the state
+        print("stopped: resume with the same command and --ckpt_path last", file=sys.stderr)
+        return 143 if isinstance(error, SIGTERMException) else 130
     except DemoError as error:  # names the failed step's log and shows its last lines
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -54,6 +54,15 @@ def test_resume_with_ckpt_path_last_continues_the_step_count(tmp_path, lol_v1_ro
     assert second["global_step"] == 2 * first["global_step"]
 
 
+def test_bf16_mixed_precision_fits_and_tests_on_cpu(tmp_path, lol_v1_root, capsys):
+    run = tmp_path / "bf16"
+    bf16 = ["--trainer.precision", "bf16-mixed"]
+    assert cli("fit", *_common(run, lol_v1_root), *bf16) == 0
+    assert cli("test", *_common(run, lol_v1_root), *bf16, "--ckpt_path", "last") == 0
+    psnr = float(re.search(r"test_psnr\s+│\s+([-\d.]+)", capsys.readouterr().out).group(1))
+    assert 5 < psnr < 60  # a finite, sensible score: no NaN from reduced-precision gamma or SSIM
+
+
 def test_test_prints_metrics_of_the_best_checkpoint(trained_run, lol_v1_root, capsys):
     assert cli("test", *_common(trained_run, lol_v1_root), "--ckpt_path", "best") == 0
     out = capsys.readouterr().out
