@@ -38,10 +38,16 @@ def case_args(name: str, request) -> tuple[list[str], int, int]:
     if name == "low_light":
         root = request.getfixturevalue("lol_v1_root")  # 6 training pairs after the hold-out: 3 steps per epoch
         return ["--config", str(REPO / "tests/conf/low_light_tiny.yaml"), "--data.init_args.root", str(root)], 3, 4
+    if name == "scene_classification":
+        from tests.data.test_scene_folders import write_class_folders
+
+        root = write_class_folders(request.getfixturevalue("tmp_path") / "AID", {"beach": 8, "forest": 8, "river": 8})
+        # 9 training images (train 50 %, a quarter of it held out), batches of 4: 2 steps per epoch
+        return ["--config", str(REPO / "tests/conf/scene_classification_tiny.yaml"), "--data.init_args.root", str(root)], 3, 3
     raise KeyError(name)
 
 
-CASES = ["low_light"]
+CASES = ["low_light", "scene_classification"]
 
 
 @pytest.mark.parametrize("name", CASES)
