@@ -35,6 +35,7 @@ naming the file.
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -84,7 +85,7 @@ def _read_arrays(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
             with h5py.File(path, "r") as handle:
                 present = list(handle.keys())
                 arrays = {key: handle[key][()] for key in keys if key in present}
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # truncated or not npz / h5
         raise UnreadableFileError(path, f"cannot read ({type(error).__name__}: {error})") from None
     for key in keys:
         if key not in arrays:
@@ -116,7 +117,10 @@ def check_label(label: np.ndarray, image: np.ndarray, path: Path, num_classes: i
     low, high = int(rounded.min()), int(rounded.max())
     if low < 0 or high >= num_classes:
         value = low if low < 0 else high
-        raise LabelRangeError(path, f"label value {value} is outside the class range 0 .. {num_classes - 1}")
+        hint = ""
+        if is_nifti(path) and high >= num_classes:  # raw BTCV numbers 13 structures, Synapse keeps 8
+            hint = "; raw BTCV label maps need --data.label_map btcv"
+        raise LabelRangeError(path, f"label value {value} is outside the class range 0 .. {num_classes - 1}{hint}")
     return rounded.astype(np.int64)
 
 

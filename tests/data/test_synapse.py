@@ -1,5 +1,7 @@
 """Synapse loaders on tiny npz / h5 / NIfTI fixtures: splits, shapes, spacing, and bad files."""
 
+import shutil
+
 import h5py
 import nibabel as nib
 import numpy as np
@@ -8,8 +10,10 @@ import torch
 
 from data.errors import (
     DatasetNotFoundError,
+    EmptyDatasetError,
     IntensityRangeError,
     LabelRangeError,
+    LayoutError,
     MissingPairError,
     OutputExistsError,
     ShapeMismatchError,
@@ -221,3 +225,120 @@ def test_nifti_without_its_label_map_or_of_another_shape_is_named(tmp_path):
     write_nifti_case(root / "x" / "img.nii.gz", root / "Training" / "label" / "label0002.nii.gz", rng, shape=(20, 16, 5))
     with pytest.raises(ShapeMismatchError, match="label0002.nii.gz: shape"):
         _module(root, "fit")
+
+
+# -- each format: a truncated file, a missing split, an empty folder, labels out of range ----------
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _item_error(dataset, path):
+    """The error reading the item whose source is ``path`` (the first item if none matches)."""
+    for i in range(len(dataset)):
+        try:
+            dataset[i]
+        except Exception as error:  # noqa: BLE001  (the test checks its type and message)
+            return error
+    raise AssertionError(f"no item of the dataset failed; expected one to name {path}")
+
+
+@pytest.mark.parametrize(
+    "layout,stage,relative",
+    [
+        ("transunet", "fit", "train_npz/case0006_slice001.npz"),
+        ("transunet", "test", "test_vol_h5/case0002.npy.h5"),
+        ("nifti", "fit", "Training/img/img0002.nii.gz"),
+        ("nifti", "fit", "Training/label/label0002.nii.gz"),
+        ("nifti", "test", "Testing/img/img0004.nii.gz"),
+    ],
+)
+def test_a_truncated_file_is_named(tmp_path, layout, stage, relative):
+    root = write_transunet(tmp_path / "synapse") if layout == "transunet" else write_raw_synapse(tmp_path / "raw")
+    path = _truncate(root / relative)
+    with pytest.raises(UnreadableFileError) as raised:
+        # NIfTI training volumes are converted in prepare_data; the others are read per item
+        datamodule = _module(root, stage)
+        raise _item_error(datamodule.datasets["train" if stage == "fit" else "test"], path)
+    assert str(raised.value).startswith(f"{path}: cannot read")
+
+
+@pytest.mark.parametrize(
+    "layout,stage,missing,message",
+    [
+        ("transunet", "fit", "train_npz", "train_npz: training folder does not exist"),
+        ("transunet", "test", "test_vol_h5", "test_vol_h5: test folder does not exist"),
+        ("nifti", "test", "Testing", "raw: no NIfTI test volumes"),
+    ],
+)
+def test_a_missing_split_is_named(tmp_path, layout, stage, missing, message):
+    root = write_transunet(tmp_path / "synapse") if layout == "transunet" else write_raw_synapse(tmp_path / "raw")
+    shutil.rmtree(root / missing)
+    with pytest.raises(DatasetNotFoundError, match=message):
+        _module(root, stage)
+
+
+def test_a_missing_root_or_an_unknown_folder_is_named(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="nowhere: dataset root does not exist"):
+        _module(tmp_path / "nowhere", "fit")
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(LayoutError, match="photos: no train_npz/ or test_vol_h5/"):
+        _module(tmp_path / "photos", "fit")
+
+
+@pytest.mark.parametrize(
+    "layout,stage,emptied,error,message",
+    [
+        ("transunet", "fit", "train_npz", EmptyDatasetError, "train_npz: holds no .npz slices"),
+        ("transunet", "test", "test_vol_h5", EmptyDatasetError, "test_vol_h5: holds no .h5 volumes"),
+        ("nifti", "fit", "Training/img", DatasetNotFoundError, "raw: no NIfTI training volumes"),
+        ("nifti", "fit", "Training/label", MissingPairError, "img0001.nii.gz: no label map for case0001"),
+        ("nifti", "test", "Testing/img", DatasetNotFoundError, "raw: no NIfTI test volumes"),
+    ],
+)
+def test_an_empty_folder_is_named(tmp_path, layout, stage, emptied, error, message):
+    root = write_transunet(tmp_path / "synapse", lists=False) if layout == "transunet" else write_raw_synapse(tmp_path / "raw")
+    for path in (root / emptied).iterdir():
+        path.unlink()
+    with pytest.raises(error, match=message):
+        _module(root, stage)
+
+
+def test_an_empty_list_or_predict_folder_is_named(tmp_path):
+    root = write_transunet(tmp_path / "synapse")
+    (root / "lists_Synapse" / "train.txt").write_text("\n")
+    with pytest.raises(EmptyDatasetError, match="train.txt: list is empty"):
+        _module(root, "fit")
+    (tmp_path / "inputs").mkdir()
+    datamodule = SynapseDataModule(predict_dir=str(tmp_path / "inputs"), predict_output_dir=str(tmp_path / "out"))
+    with pytest.raises(EmptyDatasetError, match="inputs: holds no volumes"):
+        datamodule.setup("predict")
+
+
+@pytest.mark.parametrize("split", ["Training", "Testing"])
+def test_nifti_labels_out_of_range_are_named_with_the_btcv_hint(tmp_path, split):
+    root = write_raw_synapse(tmp_path / "raw")
+    number = 2 if split == "Training" else 4
+    label_path = root / split / "label" / f"label{number:04d}.nii.gz"
+    write_nifti_case(root / split / "img" / f"img{number:04d}.nii.gz", label_path, np.random.default_rng(3), labels=[1, 13])
+    datamodule = _module(root, "fit" if split == "Training" else "test")
+    error = _item_error(datamodule.datasets["train" if split == "Training" else "test"], label_path)
+    assert isinstance(error, LabelRangeError)
+    assert str(error).startswith(f"{label_path}: label value 13 is outside the class range 0 .. 8")
+    assert "--data.label_map btcv" in str(error)
+    # with BTCV's mapping the same file is read: 13 (an adrenal gland) becomes background
+    datamodule = _module(root, "fit" if split == "Training" else "test", label_map="btcv")
+    for i in range(len(datamodule.datasets["train" if split == "Training" else "test"])):
+        datamodule.datasets["train" if split == "Training" else "test"][i]
+
+
+def test_h5_labels_out_of_range_are_named(tmp_path):
+    root = write_transunet(tmp_path / "synapse")
+    path = root / "test_vol_h5" / "case0001.npy.h5"
+    with h5py.File(path, "r+") as handle:
+        handle["label"][2, 3, 4] = 9
+    with pytest.raises(LabelRangeError, match="case0001.npy.h5: label value 9 is outside the class range 0 .. 8"):
+        _module(root, "test").datasets["test"][0]
