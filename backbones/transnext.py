@@ -33,15 +33,16 @@ Differences from the official code, all at run time, none in the weights:
 * The sliding window is computed by shifting padded keys and values, nine multiply-reduce steps
   over whole maps, not by unfolding them into a 9x larger tensor.
 
-Parameters and FLOPs at 224 x 224 (``python benchmarks/transnext_throughput.py --flops``; GMACs
-counted by ``torch.utils.flop_counter``, which counts matrix products and convolutions; the
-paper's "FLOPs" are multiply-accumulates counted the same way):
+Parameters and multiply-accumulates at 224 x 224 (``python benchmarks/transnext_throughput.py flops``;
+``torch.utils.flop_counter`` counts matrix products and convolutions, the window's element-wise dot
+products are added analytically; the paper counts with fvcore, which also sees e.g. the official
+position-bias tables, hence about 3 % more):
 
-    variant   params (this / paper)   GMACs (this / paper)
-    micro     12.82 M / 12.8 M        2.72 / 2.7
-    tiny      28.24 M / 28.2 M        5.73 / 5.7
-    small     49.74 M / 49.7 M        10.31 / 10.3
-    base      89.72 M / 89.7 M        18.43 / 18.4
+    variant   params (this / paper)   GMACs (this / paper GFLOPs)
+    micro     12.81 M / 12.8 M        2.61 / 2.7
+    tiny      28.26 M / 28.2 M        5.67 / 5.7
+    small     49.74 M / 49.7 M        10.21 / 10.3
+    base      89.72 M / 89.7 M        18.21 / 18.4
 
 Official checkpoints load through ``checkpoint_filter_fn`` from a local file
 (``timm.create_model("transnext_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=path))``);

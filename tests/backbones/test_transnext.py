@@ -92,7 +92,7 @@ def test_sliding_window_matches_naive_gather_at_borders(size, pooled, window):
     geometry = stage_geometry(*size, pooled, pretrain, window, x.device)
     with torch.no_grad():
         expected = naive_aggregated_attention(attn, x, pooled, pretrain)
-        torch.testing.assert_close(attn(x, geometry), expected, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(attn(x, geometry), expected, atol=2e-5, rtol=0)
 
 
 def test_aggregated_softmax_sums_to_one_over_both_key_sets():
@@ -133,7 +133,7 @@ def test_last_stage_attention_matches_naive_reference():
     x = torch.randn(2, 3, 4, 12)
     geometry = stage_geometry(3, 4, (3, 4), (5, 5), None, x.device)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, geometry), naive_attention(attn, x, (5, 5)), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(attn(x, geometry), naive_attention(attn, x, (5, 5)), atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("length, pooled", [(56, 7), (28, 7), (14, 7), (7, 7), (64, 7), (10, 7), (13, 4), (2, 2), (1, 1)])
@@ -358,10 +358,15 @@ def test_pretrained_without_a_local_file_says_where_to_get_one():
 
 
 def test_onnx_export_runs_in_onnxruntime_at_two_resolutions(tmp_path):
-    """One export with dynamic batch, height and width, checked at two other sizes."""
+    """One export with dynamic batch, height and width, checked at two other sizes.
+
+    Two stages (aggregated attention, then plain attention) hold every operation of the four-stage
+    model; each extra stage only lengthens the exporter's symbolic shape reasoning (minutes on CPU).
+    """
     torch.manual_seed(0)
-    model = randomise(timm.create_model(TINY, depths=(1, 1, 1, 1))).eval()
-    height, width = torch.export.Dim("height", min=33, max=4096), torch.export.Dim("width", min=33, max=4096)
+    two_stages = dict(embed_dims=(16, 32), depths=(1, 1), num_heads=(2, 2), mlp_ratios=(2, 2), sr_ratios=(8, 1))
+    model = randomise(timm.create_model(TINY, **two_stages)).eval()
+    height, width = torch.export.Dim("height", min=16, max=4096), torch.export.Dim("width", min=16, max=4096)
     path = tmp_path / "transnext.onnx"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -384,4 +389,4 @@ def test_onnx_export_runs_in_onnxruntime_at_two_resolutions(tmp_path):
         with torch.no_grad():
             expected = model(x).numpy()
         (out,) = session.run(None, {"image": x.numpy()})
-        np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
