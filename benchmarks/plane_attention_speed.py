@@ -11,8 +11,8 @@ attend on these voxels with the first ConDaFormer encoder stage's sizes on S3DIS
 (8, 8, 8) window, all six heads, i.e. the same range on every axis.
 
 Each (method, N) runs in its own child process, so its peak memory is its own: the table gives
-the growth of the peak resident set (``ru_maxrss``) from after the inputs are built to after the
-timed forwards (window partition and attention, ``no_grad``, float32), the median wall time and
+the peak resident set (``ru_maxrss``) after the timed forwards less the resident set once the
+inputs are built (window partition and attention, ``no_grad``, float32), the median wall time and
 the median CPU time of the process (``time.process_time``, which a busy machine distorts least),
 and the largest padded window. Memory per voxel shows whether memory grows linearly.
 """
@@ -56,6 +56,14 @@ def scanned_voxels(count: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(rooms)[:count])
 
 
+def current_rss_kib() -> int:
+    """Resident set size now (the peak so far, ``ru_maxrss``, may be an import's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def worker(kind: str, scene: Path, size: int, runs: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     grid = torch.from_numpy(np.load(scene)[:size])
@@ -64,7 +72,7 @@ def worker(kind: str, scene: Path, size: int, runs: int, threads: int) -> dict:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(len(grid), HEADS, HEAD_DIM, generator=g) for _ in range(3))
     layer = PlaneWindowAttention(HEADS, HEAD_DIM, WINDOW, QUANT, kind=kind).eval()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = current_rss_kib()
     walls, cpus = [], []
     with torch.no_grad():
         for _ in range(runs):

@@ -337,6 +337,8 @@ class PointCloudDataset(Dataset):
         # random choice for this sample is drawn from that seed, so a resumed fit replays it.
         # Evaluation passes plain indices: its pipeline then draws from a seed fixed per scene.
         index, seed = sample_key(key)
+        if not 0 <= index < len(self):
+            raise IndexError(f"scene {index} of a dataset of {len(self)}")  # also ends iteration
         source = self.scenes[index % len(self.scenes)]
         scene = check_scene(source.load(), self.features, self.num_classes)
         generator = torch.Generator().manual_seed(seed if seed is not None else index)

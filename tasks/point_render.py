@@ -31,7 +31,13 @@ def render_points(
         cut_top: fraction of the vertical extent removed from the top (0 keeps everything).
         point_size: side of the square drawn per point, in pixels.
     """
-    coord, colour = coord.detach().float().cpu(), colour.detach().float().cpu().clamp(0, 1)
+    # pictures are drawn in float32 on the CPU even inside a mixed-precision step
+    with torch.autocast("cpu", enabled=False):
+        return _render(coord.detach().float().cpu(), colour.detach().float().cpu().clamp(0, 1), height, width,
+                       elevation, azimuth, cut_top, point_size)  # fmt: skip
+
+
+def _render(coord, colour, height, width, elevation, azimuth, cut_top, point_size) -> torch.Tensor:
     image = torch.ones(3, height, width)
     if len(coord) == 0:
         return image

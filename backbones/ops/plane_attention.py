@@ -183,9 +183,12 @@ def window_attention(
     heads = q.shape[1]
     outputs = []
     for table in tables:
+        if _tracing():  # one piece, so that the exported graph keeps the number of windows symbolic
+            outputs.append(_attend_windows(table, num_tokens, padded, rpe))
+            continue
         windows, length = table.shape
         # the largest temporaries are (windows, heads, length, 3 length) and (..., 3 (2L - 1))
-        step = windows if _tracing() else max(1, CHUNK_ELEMENTS // (heads * length * 3 * max(length, span)))
+        step = max(1, CHUNK_ELEMENTS // (heads * length * 3 * max(length, span)))
         for start in range(0, windows, step):
             outputs.append(_attend_windows(table[start : start + step], num_tokens, padded, rpe))
     return torch.cat(outputs)[token_positions(tables, num_tokens)]

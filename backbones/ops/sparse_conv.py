@@ -80,6 +80,8 @@ class _SparseConvFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, neighbours, weight = ctx.saved_tensors
         grad_x = grad_weight = None
+        # under mixed precision the incoming gradient may not be in the input's dtype
+        grad_out = grad_out.to(x.dtype)
         depthwise = weight.ndim == 2
         if ctx.needs_input_grad[0]:
             mirrored = weight.flip(0) if depthwise else weight.flip(0).transpose(1, 2)

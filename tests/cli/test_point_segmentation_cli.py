@@ -50,7 +50,7 @@ def test_test_votes_over_samplings_and_reports_every_class_iou(trained_run, caps
     for name in ("test_miou", "test_macc", "test_allacc", "test_iou_ceiling", "test_iou_floor", "test_iou_clutter"):
         assert name in out
     miou = float(re.search(r"test_miou\s*[│|]\s*([0-9.]+)", out).group(1))
-    assert 0.0 < miou <= 1.0
+    assert 0.0 <= miou <= 1.0  # one training step: the value itself says little
     assert list(trained_run.glob("lightning_logs/version_*/examples/test_examples_epoch*.png"))
 
 

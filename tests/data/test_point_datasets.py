@@ -269,6 +269,8 @@ def test_predictions_are_written_as_coloured_point_files_and_never_overwritten(t
     probabilities[:10, 1] = 1
     probabilities[10:, 2] = 1
     dm.write_prediction(probabilities, ["a.ply", "b.pcd"])
+    assert not (tmp_path / "out").exists()  # staged until predict ends
+    dm.finish_predictions()
     written = o3d.io.read_point_cloud(str(tmp_path / "out" / "b.pcd"))
     assert len(written.points) == 11 and written.has_colors()
     assert np.loadtxt(tmp_path / "out" / "a.labels").tolist() == [1] * 10

@@ -113,3 +113,12 @@ def test_training_loss_falls_on_one_room():
         optimiser.step()
         losses.append(float(loss))
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_pictures_are_drawn_inside_a_bfloat16_autocast_step():
+    task = tiny_task().eval()
+    batch = room_batch(rays=800)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prediction = task.predict_batch(batch)
+        (panel,) = task.example_panels(batch, prediction)
+    assert panel.dtype == torch.float32 and float(panel.std()) > 0.05
