@@ -10,6 +10,9 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker (and per CLI it starts): one worker per core
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 REPO = Path(__file__).resolve().parents[1]
