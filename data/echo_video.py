@@ -24,6 +24,7 @@ Batch keys (``data/__init__.py``): ``video`` (B, T, 1, H, W), ``mask`` (B, T, H,
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -48,7 +49,7 @@ class EchoFrames:
 
 
 @dataclass
-class EchoVideo:
+class EchoVideo(ABC):
     """One video of a dataset. Subclasses implement ``read``.
 
     Attributes:
@@ -63,8 +64,9 @@ class EchoVideo:
     has_labels: bool = True
     split: Optional[str] = None
 
+    @abstractmethod
     def read(self) -> EchoFrames:
-        raise NotImplementedError
+        """The frames and labels of this video (each format reads its own files)."""
 
 
 def to_unit_range(array: np.ndarray) -> np.ndarray:

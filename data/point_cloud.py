@@ -17,6 +17,7 @@ scene (Pointcept), a ``torch.save``d dict per scene (Point Transformer V2 / ConD
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -391,7 +392,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> list[float]:
 # -- the shared datamodule -----------------------------------------------------------------------
 
 
-class PointCloudDataModule(BaseDataModule):
+class PointCloudDataModule(BaseDataModule, ABC):
     """Offset batching, transforms from the config, predict on a folder of .ply / .pcd files.
 
     Subclasses set ``class_names`` and implement ``scenes(split)`` for ``train``, ``val`` and
@@ -432,9 +433,9 @@ class PointCloudDataModule(BaseDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @abstractmethod
     def scenes(self, split: str) -> list:
-        """Scene readers of ``split`` (``train``, ``val`` or ``test``)."""
-        raise NotImplementedError
+        """Scene readers of ``split`` (``train``, ``val`` or ``test``); each format lists its own."""
 
     def _dataset(self, split: str, scenes: list) -> PointCloudDataset:
         if not scenes:

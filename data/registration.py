@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -272,7 +273,7 @@ def write_atomically(path: Path, write) -> None:
 # -- the datamodule -----------------------------------------------------------------------------
 
 
-class RegistrationDataModule(BaseDataModule):
+class RegistrationDataModule(BaseDataModule, ABC):
     """Shared arguments of the registration datamodules, and ``predict`` on two cloud files.
 
     Args:
@@ -320,9 +321,9 @@ class RegistrationDataModule(BaseDataModule):
         folder = Path(self.feature_cache) if self.feature_cache else cache_root() / "registration_features"
         return FeatureCache(folder, self.fpfh)
 
+    @abstractmethod
     def split_pairs(self, split: str) -> list[RegistrationPair]:
         """The pairs of ``train``, ``val`` or ``test``; each format implements it."""
-        raise NotImplementedError
 
     def prepare_data(self) -> None:
         """Write the built-in set if needed, then compute (once, with a progress bar) the features
