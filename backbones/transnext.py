@@ -201,6 +201,15 @@ class ConvolutionalGLU(nn.Module):
         return self.drop(self.fc2(x))
 
 
+def normalize_planes(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise (B, heads, head_dim, H, W) planes along head_dim, as ``F.normalize(x, dim=2)``.
+
+    ``F.normalize`` reduces with ``linalg.vector_norm`` over a strided axis, which on CPU is about
+    7x slower than summing the contiguous planes' squares; the result is the same (eps 1e-12).
+    """
+    return x * x.square().sum(2, keepdim=True).clamp_min(1e-24).rsqrt()
+
+
 def _inverse_softplus(value: float) -> float:
     return math.log(math.expm1(value))
 
@@ -299,9 +308,9 @@ class AggregatedAttention(_CosineAttentionBase):
         else:
             qkv = torch.baddbmm(torch.cat([self.q.bias, self.kv.bias])[:, None], weight.expand(batch, -1, -1), pixels)
         query, key, value = qkv.view(batch, 3, heads, head_dim, height, width).unbind(1)
-        query = F.normalize(query, dim=2)
+        query = normalize_planes(query)
         scaled_query = (query + self.query_embedding.view(heads, head_dim, 1, 1)) * self.query_scale(geometry)
-        key_padded = F.pad(F.normalize(key, dim=2), (radius,) * 4)
+        key_padded = F.pad(normalize_planes(key), (radius,) * 4)
         value_padded = F.pad(value, (radius,) * 4)
 
         # pixel-focused attention: the window's keys are shifted views of the zero-padded map;
