@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
-#   make demo   set up, then fit/test/export every built-in config and write the leaderboard
-#               (make demo TASKS="low_light scene_classification" runs a subset)
+#   make demo   set up, then fit/test/export each task's main built-in config and write the leaderboard
+#               (make demo TASKS="low_light scene_classification" runs a subset;
+#                make demo-all adds every comparison config: ablations, baselines, other backbones)
 #   make test   set up, then run the test suite
 # Set-up is idempotent: it reinstalls only when pyproject.toml changes.
 
@@ -9,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup browser demo test clean
+.PHONY: setup browser demo demo-all test clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +33,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) lightning_app.py demo $(if $(TASKS),--tasks $(TASKS))
+
+demo-all: setup
+	$(PY) lightning_app.py demo --all $(if $(TASKS),--tasks $(TASKS))
 
 # The report test opens the HTML leaderboard in headless Chromium (Debian's package).
 browser:

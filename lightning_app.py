@@ -6,7 +6,7 @@
     python lightning_app.py predict --config ... --ckpt_path best --data.predict_dir photos/ --data.predict_output_dir out/
     python lightning_app.py export --config ... --ckpt_path best [--output model.onnx]
     python lightning_app.py leaderboard --runs runs/low_light/iagc_builtin [more runs] --output runs/leaderboard
-    python lightning_app.py demo [--tasks low_light ...]   # every built-in config: fit, test, export, leaderboard
+    python lightning_app.py demo [--tasks low_light ...] [--all]   # built-in configs: fit, test, export, leaderboard
 
 Any task (a ``tasks.BaseTask`` subclass) and datamodule (a ``data.BaseDataModule`` subclass)
 can be chosen in the config; importing ``tasks`` and ``data`` makes them selectable by class name.
@@ -188,15 +188,16 @@ def leaderboard(argv: list[str]) -> None:
 
 
 def demo(argv: list[str]) -> None:
-    """``demo [--tasks TASK ...] [--output DIR]``: every built-in config end to end, then the leaderboard."""
+    """``demo [--tasks TASK ...] [--all] [--output DIR]``: built-in configs end to end, then the leaderboard."""
     parser = argparse.ArgumentParser(
         prog="lightning_app.py demo",
-        description="Fit, test and export each configs/<task>/*_builtin.yaml, then write the leaderboard.",
+        description="Fit, test and export each task's main built-in config, then write the leaderboard.",
     )
     parser.add_argument("--tasks", nargs="+", help="task folders under configs/ to run (default: all)")
+    parser.add_argument("--all", action="store_true", help="every configs/<task>/*_builtin.yaml, comparisons included")
     parser.add_argument("--output", default="runs/leaderboard", help="folder for the leaderboard and its report")
     args = parser.parse_args(argv)
-    run_demo(args.tasks, args.output)
+    run_demo(args.tasks, args.output, everything=args.all)
 
 
 def one_line(error: BaseException) -> str:

@@ -8,7 +8,7 @@ import yaml
 from rich.console import Console
 
 from lightning_app import main
-from tasks.demo import DemoError, builtin_runs, run_demo
+from tasks.demo import MAIN_CONFIGS, DemoError, builtin_runs, run_demo
 from tests.conftest import REPO
 
 TINY = REPO / "tests" / "conf" / "low_light_tiny.yaml"
@@ -28,9 +28,19 @@ def _tiny_configs(folder: Path, run_dir: Path, data_root: Path, **overrides) -> 
 
 
 def test_every_builtin_config_of_the_repository_names_its_run_folder():
-    runs = builtin_runs()
+    runs = builtin_runs(everything=True)
     assert runs and all(run.config.name.endswith("_builtin.yaml") for run in runs)
     assert len({run.run_dir for run in runs}) == len(runs)  # no two configs share a run folder
+
+
+def test_the_main_job_runs_one_main_config_per_task_and_all_adds_the_comparisons():
+    main_runs, every_run = builtin_runs(), builtin_runs(everything=True)
+    assert {(run.task, run.config.name) for run in main_runs} == set(MAIN_CONFIGS.items())
+    assert {run.config for run in main_runs} < {run.config for run in every_run}
+    echo = builtin_runs(["echo_uda"], everything=True)
+    assert {"graphecho_builtin.yaml", "source_only_builtin.yaml", "target_supervised_builtin.yaml"} <= {
+        run.config.name for run in echo
+    }
 
 
 def test_demo_fits_tests_exports_and_ranks_then_reruns_without_training_again(tmp_path, lol_v1_root):
