@@ -24,7 +24,6 @@ from typing import Callable, Optional
 
 import cv2
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +32,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchvision.utils import make_grid
 
+from backbones.create import create_backbone
 from backbones.ops.taylor_gamma import taylor_gamma
 from tasks.base import BaseTask
 
@@ -60,7 +60,7 @@ class GlobalGammaEstimator(nn.Module):
         self.thumbnail = thumbnail
         self.gamma_min, self.gamma_max = gamma_min, gamma_max
         if backbone:
-            self.encoder = timm.create_model(backbone, pretrained=False, num_classes=0, **(backbone_kwargs or {}))
+            self.encoder = create_backbone(backbone, num_classes=0, **(backbone_kwargs or {}))
             features = self.encoder.num_features
         else:
             self.encoder = nn.Sequential(

@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
@@ -35,6 +34,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
 
 import backbones  # noqa: F401  (registers AFM-Net with timm)
 from backbones.afmnet import MixtureOfExperts
+from backbones.create import create_backbone
 from data.errors import LayoutError
 from tasks.base import BaseTask
 
@@ -69,10 +69,10 @@ class SceneClassifier(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         kwargs = dict(backbone_kwargs or {})
         if head == "backbone":
-            self.backbone = timm.create_model(backbone, pretrained=False, num_classes=num_classes, **kwargs)
+            self.backbone = create_backbone(backbone, num_classes=num_classes, **kwargs)
             self.head = nn.Identity()
         else:
-            self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, **kwargs)
+            self.backbone = create_backbone(backbone, num_classes=0, **kwargs)
             width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
             self.head = nn.Sequential(MixtureOfExperts(width, **(moe_kwargs or {})), nn.Linear(width, num_classes))
 

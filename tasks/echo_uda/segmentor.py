@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from backbones.create import create_backbone
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -79,7 +80,7 @@ class FPNSegmentor(nn.Module):
         super().__init__()
         kwargs = dict(backbone_kwargs or {})
         if backbone:
-            self.encoder = timm.create_model(backbone, features_only=True, in_chans=in_chans, pretrained=False, **kwargs)
+            self.encoder = create_backbone(backbone, features_only=True, in_chans=in_chans, **kwargs)
             channels = self.encoder.feature_info.channels()
             reductions = self.encoder.feature_info.reduction()
         else:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
 import backbones  # noqa: F401  (registers transdae with timm)
+from backbones.create import create_backbone
 from backbones.transdae import DualTransformerBlock
 
 DECODERS = ("transdae", "unet")
@@ -235,7 +235,7 @@ class SegmentationNetwork(nn.Module):
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         kwargs = {"in_chans": 1, **(backbone_kwargs or {})}
         self.in_chans = kwargs["in_chans"]
-        self.encoder = timm.create_model(backbone, pretrained=pretrained, features_only=True, **kwargs)
+        self.encoder = create_backbone(backbone, pretrained=pretrained, features_only=True, **kwargs)
         channels = self.encoder.feature_info.channels()
         reductions = self.encoder.feature_info.reduction()
         self.pad_multiple = max(reductions)

@@ -347,6 +347,30 @@ def test_pretrained_loads_a_local_official_file_with_head_and_channel_adaptation
     torch.testing.assert_close(adapted.stages[3].norm.weight, official["norm4.weight"])
 
 
+def test_every_2d_task_encoder_starts_from_a_local_file_named_in_its_config(tmp_path):
+    from tasks.echo_uda.segmentor import FPNSegmentor
+    from tasks.low_light import GlobalGammaEstimator
+    from tasks.medical_segmentation.network import SegmentationNetwork
+    from tasks.scene_classification import SceneClassifier
+
+    path = tmp_path / "transnext_official.pth"
+    official = official_state_dict(**TINY_ARCH)
+    torch.save({"model": official}, path)
+    kwargs = {"weights": str(path)}
+    encoders = {
+        "low light": GlobalGammaEstimator(backbone=TINY, backbone_kwargs=kwargs).encoder,
+        "scene": SceneClassifier(5, TINY, kwargs).backbone,
+        "medical": SegmentationNetwork(TINY, kwargs, decoder="unet", num_classes=3).encoder,
+        "echo": FPNSegmentor(3, TINY, kwargs).encoder,
+    }
+    for name, encoder in encoders.items():
+        state = encoder.state_dict()
+        weight = state[next(key for key in state if re.search(r"stages[._]2\.blocks\.1\.attn\.sr\.weight$", key))]
+        torch.testing.assert_close(weight, official["block3.1.attn.sr.weight"].flatten(1), msg=name)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth: backbone weights file for 'transnext_test' does not exist"):
+        SceneClassifier(5, TINY, {"weights": str(tmp_path / "nowhere.pth")})
+
+
 def test_pretrained_without_a_local_file_says_where_to_get_one():
     with pytest.raises(RuntimeError, match=re.escape("pretrained_cfg_overlay=dict(file=")) as error:
         timm.create_model("transnext_tiny", pretrained=True)
