@@ -18,7 +18,9 @@ ES labels are placed on the frames that ``Info_<view>.cfg`` names (first and las
 without a sequence file at all, the ED and ES images form a two-frame video. Labels: 1 LV
 (endocardium), 2 myocardium, 3 LA. The MetaImage files are read by ``read_mhd`` (no SimpleITK);
 only ``training/`` is read (the challenge's ``testing/`` has no public labels). Patients without
-a split file are split by the datamodule's seed. NIfTI arrays are stored (x, y, t) and
+a split file are split by the datamodule's seed; a ``database_split/`` folder must hold all three
+files, and a patient they list must exist. A patient folder without the view's images, like a
+NaN or infinite pixel, stops the run with an error naming the folder or file. NIfTI arrays are stored (x, y, t) and
 transposed to frames of (height, width), as SimpleITK would give them.
 """
 
@@ -33,7 +35,7 @@ from typing import Optional
 import numpy as np
 
 from data.cardiac_uda import read_nifti
-from data.echo_video import EchoFrames, EchoVideo, check_frames, to_unit_range
+from data.echo_video import EchoFrames, EchoVideo, check_finite, check_frames, to_unit_range
 from data.errors import DatasetNotFoundError, EmptyDatasetError, LayoutError, UnreadableFileError
 
 STRUCTURES = {"LV": 1, "MYO": 2, "LA": 3}
@@ -93,7 +95,8 @@ def read_mhd(path: Path) -> np.ndarray:
     count = int(np.prod(dims))
     if len(data) < count * dtype.itemsize:
         raise UnreadableFileError(data_path, f"holds {len(data)} bytes; DimSize {dims} of {dtype} needs {count * dtype.itemsize}")
-    return np.frombuffer(data, dtype=dtype, count=count).reshape(dims[::-1]).astype(dtype.newbyteorder("="))
+    array = np.frombuffer(data, dtype=dtype, count=count).reshape(dims[::-1]).astype(dtype.newbyteorder("="))
+    return check_finite(array, data_path)
 
 
 # -- records --------------------------------------------------------------------------------------
@@ -177,15 +180,21 @@ class CamusVideo(EchoVideo):
         return check_frames(frames, sequence or ed, label_path, list(STRUCTURES.values()))
 
 
-def _read_splits(root: Path) -> dict[str, str]:
-    """Patient -> split from ``database_split/`` (NIfTI release), if present."""
+def _read_splits(root: Path, patients_dir: Path) -> dict[str, str]:
+    """Patient -> split from ``database_split/`` (NIfTI release), if present; then all three split
+    files must be there and every patient they list must exist (nothing is re-split silently)."""
     folder = root / "database_split"
+    if not folder.is_dir():
+        return {}
     splits = {}
     for split, name in SPLIT_FILES.items():
         path = folder / name
-        if path.is_file():
-            for line in path.read_text().split():
-                splits[line.strip()] = split
+        if not path.is_file():
+            raise DatasetNotFoundError(path, f"split file missing ({folder.name}/ needs {', '.join(SPLIT_FILES.values())})")
+        for patient in path.read_text().split():
+            if not (patients_dir / patient).is_dir():
+                raise DatasetNotFoundError(patients_dir / patient, f"listed in {path} but missing")
+            splits[patient] = split
     return splits
 
 
@@ -204,14 +213,15 @@ def discover_camus(root: Path, view: str = "4") -> list[CamusVideo]:
             release = "mhd"
     else:
         raise LayoutError(root, "not a CAMUS folder: expected database_nifti/ (NIfTI release) or training/ (MetaImage release)")
-    splits = _read_splits(root)
+    splits = _read_splits(root, patients_dir)
     videos = []
     for folder in sorted(p for p in patients_dir.iterdir() if p.is_dir() and re.fullmatch(r"patient\d+", p.name)):
         video = CamusVideo(name=folder.name, structures=dict(STRUCTURES), split=splits.get(folder.name), folder=folder, view=view, release=release)
         gt_parts = ("half_sequence_gt", "ED_gt", "ES_gt") if release == "nifti" else ("sequence_gt", "ED_gt", "ES_gt")
         video.has_labels = any(video._path(part) for part in gt_parts)
-        if video._path("half_sequence" if release == "nifti" else "sequence") or video._path("ED"):
-            videos.append(video)
+        if not (video._path("half_sequence" if release == "nifti" else "sequence") or video._path("ED")):
+            raise EmptyDatasetError(folder, f"holds no {view} sequence or ED/ES images")
+        videos.append(video)
     if not videos:
         raise EmptyDatasetError(patients_dir, f"holds no patientXXXX folders with {view} images")
     return videos

@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
-from data.echo_video import EchoFrames, EchoVideo, check_frames, to_unit_range
+from data.echo_video import EchoFrames, EchoVideo, check_finite, check_frames, to_unit_range
 from data.errors import DatasetNotFoundError, EmptyDatasetError, UnreadableFileError
 
 #: label codes per view, as in the official loader
@@ -49,9 +49,10 @@ def read_nifti(path: Path) -> np.ndarray:
     import nibabel as nib
 
     try:
-        return np.asarray(nib.load(str(path)).dataobj)
+        volume = np.asarray(nib.load(str(path)).dataobj)
     except Exception as error:  # nibabel raises several types for truncated or foreign files
         raise UnreadableFileError(path, f"cannot read NIfTI ({type(error).__name__}: {error})") from None
+    return check_finite(volume, path)
 
 
 def as_frames_first(volume: np.ndarray, path: Path) -> np.ndarray:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.errors import LabelRangeError, ShapeMismatchError, UnreadableFileError
+from data.errors import InvalidValueError, LabelRangeError, ShapeMismatchError, UnreadableFileError
 from data.sampling import SampleKey, sample_key
 
 
@@ -67,6 +67,16 @@ class EchoVideo(ABC):
     @abstractmethod
     def read(self) -> EchoFrames:
         """The frames and labels of this video (each format reads its own files)."""
+
+
+def check_finite(array: np.ndarray, path: Path) -> np.ndarray:
+    """``array`` unchanged if every value is finite, else an error naming ``path`` (scaling to
+    [0, 1] would turn an infinite pixel into a plausible 0 or 1, and a NaN into a NaN video)."""
+    if array.dtype.kind in "fc":
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise InvalidValueError(path, f"{int(finite.size - finite.sum())} of {array.size} values are NaN or infinite")
+    return array
 
 
 def to_unit_range(array: np.ndarray) -> np.ndarray:

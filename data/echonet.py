@@ -14,8 +14,9 @@ is rasterised to a mask (``skimage.draw.polygon``, as the EchoNet loader does). 
 matched with or without ``.avi`` (``FileList.csv`` leaves it off in the public release, the
 tracings keep it, and GraphEcho's loader assumes the opposite). Videos without tracings are
 unlabelled: usable as target-domain training clips, never scored. A listed video that is missing,
-a tracing of a video that does not exist, a traced frame past the video's end and a video with no
-frames stop the run with an error naming the file.
+an empty ``Videos/``, a tracing of a video that does not exist, a tracing with a NaN or infinite
+coordinate, a traced frame past the video's end, and a video with no frames or fewer frames than
+its header announces (cut short) stop the run with an error naming the file.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ import numpy as np
 import skimage.draw
 
 from data.echo_video import EchoFrames, EchoVideo, check_frames
-from data.errors import DatasetNotFoundError, LabelRangeError, LayoutError, MissingPairError, UnreadableFileError
+from data.errors import (
+    DatasetNotFoundError,
+    EmptyDatasetError,
+    InvalidValueError,
+    LabelRangeError,
+    LayoutError,
+    MissingPairError,
+    UnreadableFileError,
+)
 
 STRUCTURES = {"LV": 1}
 TRACING_HEADER = ["FileName", "X1", "Y1", "X2", "Y2", "Frame"]
@@ -37,10 +46,15 @@ SPLITS = {"TRAIN": "train", "VAL": "val", "TEST": "test"}
 
 
 def read_avi(path: Path) -> np.ndarray:
-    """Frames of a video as (T, H, W) uint8 (the first colour channel: the content is grey)."""
+    """Frames of a video as (T, H, W) uint8 (the first colour channel: the content is grey).
+
+    OpenCV stops quietly at the first frame it cannot decode, so a video cut short keeps its
+    first frames; fewer frames than the container announces is an error, as in EchoNet's loader.
+    """
     capture = cv2.VideoCapture(str(path))
     frames = []
     try:
+        announced = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         while True:
             ok, frame = capture.read()
             if not ok:
@@ -50,6 +64,8 @@ def read_avi(path: Path) -> np.ndarray:
         capture.release()
     if not frames:
         raise UnreadableFileError(path, "holds no frames (empty, truncated or not a video)")
+    if len(frames) < announced:
+        raise UnreadableFileError(path, f"truncated or corrupt: decoded {len(frames)} of the {announced} frames its header announces")
     return np.stack(frames)
 
 
@@ -99,6 +115,8 @@ def read_tracings(path: Path) -> dict[str, dict[int, np.ndarray]]:
             try:
                 name, x1, y1, x2, y2, frame = row
                 chord = [float(x1), float(y1), float(x2), float(y2)]
+                if not np.isfinite(chord).all():
+                    raise InvalidValueError(path, f"line {line_number} has a NaN or infinite coordinate: {row}")
                 tracings.setdefault(_stem(name.strip()), {}).setdefault(int(frame), []).append(chord)
             except ValueError:
                 raise LayoutError(path, f"line {line_number} is not FileName,X1,Y1,X2,Y2,Frame: {row}") from None
@@ -112,6 +130,8 @@ def discover_echonet(root: Path) -> list[EchoNetVideo]:
         if not required.exists():
             raise DatasetNotFoundError(required, "EchoNet-Dynamic needs Videos/, FileList.csv and VolumeTracings.csv")
     on_disk = {_stem(p.name): p for p in videos_dir.iterdir() if p.suffix.lower() == ".avi"}
+    if not on_disk:
+        raise EmptyDatasetError(videos_dir, "holds no .avi videos")
     tracings = read_tracings(tracing_file)
     for name in sorted(tracings):
         if name not in on_disk:

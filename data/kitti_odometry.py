@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import open3d as o3d
 
-from data.errors import DatasetNotFoundError, EmptyDatasetError, UnreadableFileError
+from data.errors import DatasetNotFoundError, EmptyDatasetError, InvalidValueError, UnreadableFileError
 from data.registration import RegistrationDataModule, RegistrationPair
 
 MIN_DISTANCE = 10.0
@@ -54,6 +54,9 @@ def read_poses(path: Path) -> np.ndarray:
         raise UnreadableFileError(path, f"cannot parse poses ({error})") from None
     if values.shape[1] != 12:
         raise UnreadableFileError(path, f"expected 12 numbers per line (a 3 x 4 pose), found {values.shape[1]}")
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        raise InvalidValueError(path, f"line {int(np.argmin(finite)) + 1}: the pose holds NaN or infinite values")
     poses = np.tile(np.eye(4), (len(values), 1, 1))
     poses[:, :3, :] = values.reshape(-1, 3, 4)
     return poses
@@ -65,9 +68,14 @@ def read_velodyne_to_camera(calib: Path) -> np.ndarray:
         return VELODYNE_TO_CAMERA
     for line in calib.read_text().splitlines():
         if line.startswith("Tr:"):
-            values = [float(v) for v in line.split()[1:]]
+            try:
+                values = [float(v) for v in line.split()[1:]]
+            except ValueError:
+                values = []
             if len(values) != 12:
                 raise UnreadableFileError(calib, "the Tr: line needs 12 numbers")
+            if not np.isfinite(values).all():
+                raise InvalidValueError(calib, "the Tr: line holds NaN or infinite values")
             matrix = np.eye(4)
             matrix[:3, :] = np.reshape(values, (3, 4))
             return matrix

@@ -10,6 +10,7 @@ Volumes are turned into TransUNet's form on reading: voxels reordered from nibab
 to (z, y, x), as SimpleITK and the preprocessed h5 files have them; intensities clipped to a HU
 window (TransUNet: [-125, 275]) and scaled to [0, 1]; labels optionally mapped (BTCV's 13 organs
 to Synapse's 8). The voxel spacing from the header is kept, so HD95 can be given in millimetres.
+A NaN or infinite voxel is an error naming the file (windowing would hide an infinity as 0 or 1).
 
 Training samples 2D slices at random, and decompressing a whole ``.nii.gz`` for each slice
 would be slow, so each training volume is converted once into uncompressed ``.npy`` arrays in
@@ -30,6 +31,7 @@ from data.base import build_once
 from data.errors import (
     DatasetNotFoundError,
     EmptyDatasetError,
+    InvalidValueError,
     LabelRangeError,
     MissingPairError,
     ShapeMismatchError,
@@ -100,6 +102,9 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         data = data[..., 0]
     if data.ndim != 3:
         raise UnreadableFileError(path, f"is not a 3D volume (shape {data.shape})")
+    finite = np.isfinite(data)
+    if not finite.all():  # windowing would turn inf into a valid 0 or 1 and carry NaN into training
+        raise InvalidValueError(path, f"{int(finite.size - finite.sum())} of {data.size} voxels are NaN or infinite")
     spacing = np.asarray(image.header.get_zooms()[:3], dtype=np.float32)[::-1].copy()
     return np.ascontiguousarray(data.transpose(2, 1, 0)), spacing, image.affine
 

@@ -84,7 +84,8 @@ def read_point_file(path: Path) -> dict[str, np.ndarray]:
 
     open3d reports a file it cannot parse only as a printed warning, and reads a truncated
     ASCII file as if it were whole (the missing points become zeros), so the header's point
-    count is checked against the data actually present first (``point_file_problem``).
+    count is checked against the data actually present first (``point_file_problem``), and an
+    ASCII file's text for NaN and infinity (``ascii_non_finite_lines``).
     """
     import open3d as o3d
 
@@ -93,6 +94,9 @@ def read_point_file(path: Path) -> dict[str, np.ndarray]:
     problem = point_file_problem(path)
     if problem:
         raise UnreadableFileError(path, problem)
+    non_finite = ascii_non_finite_lines(path)
+    if non_finite:
+        raise InvalidValueError(path, f"{non_finite} of {point_file_count(path)} points have NaN or infinite values")
     cloud = o3d.io.read_point_cloud(str(path))
     coord = np.asarray(cloud.points, dtype=np.float32)
     expected = point_file_count(path)
@@ -185,6 +189,20 @@ def point_file_problem(path: Path) -> str | None:
         return None
     needed = count * width
     return None if size >= needed else f"truncated: {size} bytes of point data, {needed} needed for the {count} points its header announces"
+
+
+def ascii_non_finite_lines(path: Path) -> int:
+    """Data lines of an ASCII .ply / .pcd that spell NaN or infinity (0 for binary files).
+
+    open3d reads ``nan`` but not ``inf`` in an ASCII PLY: it prints a warning and returns
+    uninitialised points, so the text itself is checked.
+    """
+    header = _point_file_header(path)
+    if header is None or not header[2].startswith("ascii"):
+        return 0
+    with path.open("rb") as handle:
+        handle.seek(header[1])
+        return sum(1 for line in handle if b"nan" in line.lower() or b"inf" in line.lower())
 
 
 def read_labels(path: Path) -> np.ndarray:
@@ -299,6 +317,9 @@ def check_scene(scene: dict[str, Any], features: Sequence[str], num_classes: int
         value = np.asarray(scene[key], dtype=np.float32)
         if value.shape != coord.shape:
             raise ShapeMismatchError(path, f"{key} has shape {value.shape}, coordinates {coord.shape}")
+        if not np.isfinite(value).all():
+            bad = int((~np.isfinite(value)).any(1).sum())
+            raise InvalidValueError(path, f"{bad} of {len(coord)} points have NaN or infinite {key} values")
         if key == "color":
             value = value / 255.0
         out[key] = torch.from_numpy(value)

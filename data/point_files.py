@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from data.errors import DatasetNotFoundError, LayoutError, MissingPairError, UnreadableFileError
+from data.errors import DatasetNotFoundError, EmptyDatasetError, LayoutError, MissingPairError, UnreadableFileError
 from data.point_cloud import LABEL_SUFFIXES, POINT_FILE_SUFFIXES, PointCloudDataModule, PointFileScene
 
 
@@ -66,5 +66,7 @@ class PointFileDataModule(PointCloudDataModule):
         scenes = labelled_files(folder)
         if not scenes and any(folder.iterdir()):
             raise LayoutError(folder, f"holds no {' or '.join(POINT_FILE_SUFFIXES)} files")
+        if not scenes:
+            raise EmptyDatasetError(folder, f"the {split} split folder is empty")
         self.dataset_name = f"point files:{root.name}"
         return scenes

@@ -6,7 +6,8 @@ source onto the target. Everything else happens here, the same way for every for
 
 * clouds are read from ``.ply`` / ``.pcd`` (open3d), ``.npz`` (key ``pcd``, ``points`` or ``xyz``;
   FCGF's 3DMatch training files) or ``.bin`` (KITTI velodyne, float32 x, y, z, reflectance); an
-  empty cloud or one with NaN / inf coordinates raises ``BadPointCloudError`` naming the file;
+  empty cloud or one with NaN / inf coordinates raises ``BadPointCloudError`` naming the file, a
+  file cut short ``UnreadableFileError`` (open3d itself would only print a warning);
 * keypoints, FPFH features and candidate correspondences come from ``data.correspondences``,
   cached on disk;
 * training pairs are augmented as VBReg trains: the source is moved by a random rigid motion (the
@@ -43,6 +44,7 @@ from torch.utils.data import Dataset
 from data.base import BaseDataModule, cache_root
 from data.correspondences import FeatureCache, FPFHParams, select_correspondences
 from data.errors import BadPointCloudError, DatasetNotFoundError, UnreadableFileError
+from data.point_cloud import ascii_non_finite_lines, point_file_count, point_file_problem
 from data.sampling import SampleKey, sample_key
 
 POINT_CLOUD_SUFFIXES = (".ply", ".pcd", ".npz", ".bin")
@@ -58,10 +60,19 @@ def read_point_cloud(path: Path) -> np.ndarray:
         raise DatasetNotFoundError(path, "point cloud file does not exist")
     suffix = path.suffix.lower()
     if suffix in (".ply", ".pcd"):
+        # open3d reads a cut or unparsable file with only a printed warning: check the data first
+        problem = point_file_problem(path)
+        if problem:
+            raise UnreadableFileError(path, problem)
+        non_finite = ascii_non_finite_lines(path)
+        if non_finite:
+            raise BadPointCloudError(path, f"{non_finite} of {point_file_count(path)} points have NaN or infinite values")
         cloud = o3d.io.read_point_cloud(str(path), remove_nan_points=False, remove_infinite_points=False)
         points = np.asarray(cloud.points, dtype=np.float64)
         if len(points) == 0:
             raise BadPointCloudError(path, f"holds no points (an empty cloud, or not a readable {suffix[1:].upper()} file)")
+        if len(points) != point_file_count(path):
+            raise UnreadableFileError(path, f"open3d read {len(points)} of the {point_file_count(path)} points its header announces")
     elif suffix == ".npz":
         try:
             with np.load(path) as stored:
@@ -75,9 +86,10 @@ def read_point_cloud(path: Path) -> np.ndarray:
             raise UnreadableFileError(path, f"array {key!r} has shape {points.shape}, expected (N, 3)")
         points = points[:, :3]
     elif suffix == ".bin":
+        size = path.stat().st_size
+        if size % 16:  # a cut at a whole point cannot be told from a smaller scan: .bin has no header
+            raise UnreadableFileError(path, f"{size} bytes is not a whole number of 16-byte points (float32 x, y, z, reflectance)")
         raw = np.fromfile(path, dtype=np.float32)
-        if raw.size % 4:
-            raise UnreadableFileError(path, f"{raw.size} floats is not a multiple of 4 (x, y, z, reflectance)")
         points = raw.reshape(-1, 4)[:, :3].astype(np.float64)
     else:
         raise UnreadableFileError(path, f"unsupported point-cloud format; use one of {', '.join(POINT_CLOUD_SUFFIXES)}")

@@ -21,7 +21,9 @@ raw release has a known defect (a stray character in
 naming that file and line; delete the character and run again.
 
 Splits: the ``test_area`` tests; ``val_area`` validates (default: the test area, as the official
-code and the field do); every other area trains.
+code and the field do); every other area trains. An empty area, a room folder without its
+``Annotations/`` (raw) or ``coord.npy`` (npy), and a NaN or infinite raw value are errors naming
+the folder or file.
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ import numpy as np
 from rich.progress import Progress
 
 from data.base import build_once
-from data.errors import DatasetNotFoundError, EmptyDatasetError, LabelRangeError, LayoutError, UnreadableFileError
+from data.errors import (
+    DatasetNotFoundError,
+    EmptyDatasetError,
+    InvalidValueError,
+    LabelRangeError,
+    LayoutError,
+    UnreadableFileError,
+)
 from data.point_cloud import NpyScene, PointCloudDataModule, PthScene
 
 S3DIS_CLASSES = (
@@ -95,7 +104,11 @@ def parse_xyzrgb(path: Path) -> np.ndarray:
                 shown = line[:60].decode("utf-8", errors="backslashreplace")
                 raise UnreadableFileError(path, f"line {number} is not six numbers (x y z r g b): {shown!r}")
         raise UnreadableFileError(path, "cannot parse as x y z r g b lines")
-    return values.reshape(-1, 6)
+    points = values.reshape(-1, 6)
+    finite = np.isfinite(points).all(axis=1)
+    if not finite.all():  # the fast path read one point per line, so row k is line k + 1
+        raise InvalidValueError(path, f"line {int(np.argmin(finite)) + 1} holds a NaN or infinite value")
+    return points
 
 
 def read_raw_room(room: Path) -> dict[str, np.ndarray]:
@@ -122,9 +135,20 @@ def read_raw_room(room: Path) -> dict[str, np.ndarray]:
     }
 
 
+def room_folders(area: Path) -> list[Path]:
+    """The room folders of an area (hidden ones aside); an area without rooms is an error."""
+    rooms = [p for p in sorted(area.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    if not rooms:
+        raise EmptyDatasetError(area, "holds no room folders")
+    return rooms
+
+
 def convert_raw(root: Path, areas: dict[int, Path]) -> Path:
     """The raw layout converted once to the ``npy`` layout in the cache; returns that folder."""
-    rooms = [room for _, folder in sorted(areas.items()) for room in sorted(folder.iterdir()) if (room / "Annotations").is_dir()]
+    rooms = [room for _, folder in sorted(areas.items()) for room in room_folders(folder)]
+    for room in rooms:
+        if not (room / "Annotations").is_dir():
+            raise DatasetNotFoundError(room / "Annotations", "room folder has no Annotations/ (<class>_<i>.txt files)")
     if not rooms:
         raise EmptyDatasetError(root, "no <room>/Annotations folders in the Area folders")
     stamps = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for room in rooms for p in sorted((room / "Annotations").glob("*.txt"))]
@@ -183,6 +207,7 @@ class S3DISDataModule(PointCloudDataModule):
         self.layout, self.test_area, self.val_area = layout, test_area, val_area
         self.builtin_rooms, self.builtin_rays = builtin_rooms, builtin_rays
         self._areas: Optional[dict[int, list]] = None
+        self._area_folders: dict[int, Path] = {}  # the Area_N folders under root, for messages
 
     def builtin_root(self) -> Path:
         from data.builtin_rooms import build_builtin_s3dis
@@ -194,7 +219,7 @@ class S3DISDataModule(PointCloudDataModule):
         if self._areas is not None:
             return self._areas
         root = self.resolved_root()
-        areas = find_areas(root)
+        areas = self._area_folders = find_areas(root)
         layout = detect_layout(areas) if self.layout == "auto" else self.layout
         if layout == "raw":
             areas = find_areas(convert_raw(root, areas))
@@ -204,7 +229,11 @@ class S3DISDataModule(PointCloudDataModule):
             if layout == "pth":
                 scenes[number] = [PthScene(f"{folder.name}/{p.stem}", p, ("semantic_gt", "segment")) for p in sorted(folder.glob("*.pth"))]
             else:
-                scenes[number] = [NpyScene(f"{folder.name}/{p.name}", p) for p in sorted(folder.iterdir()) if (p / "coord.npy").is_file()]
+                rooms = room_folders(folder)
+                for room in rooms:
+                    if not (room / "coord.npy").is_file():
+                        raise DatasetNotFoundError(room / "coord.npy", "room folder has no coord.npy")
+                scenes[number] = [NpyScene(f"{folder.name}/{room.name}", room) for room in rooms]
         self.dataset_name = "built-in rooms (S3DIS raw layout)" if self.root is None else f"S3DIS-{layout}:{root.name}"
         self._areas = scenes
         return scenes
@@ -219,4 +248,7 @@ class S3DISDataModule(PointCloudDataModule):
         missing = [n for n in chosen if n not in areas]
         if missing or not chosen:
             raise DatasetNotFoundError(self.resolved_root(), f"no Area_{missing[0] if missing else '?'} for the {split} split (areas: {sorted(areas)})")
+        for n in chosen:
+            if not areas[n]:  # a pth-layout area without .pth files
+                raise EmptyDatasetError(self._area_folders[n], f"holds no rooms for the {split} split")
         return [scene for n in chosen for scene in areas[n]]

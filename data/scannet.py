@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data.errors import DatasetNotFoundError, LayoutError
+from data.errors import DatasetNotFoundError, EmptyDatasetError, LayoutError
 from data.point_cloud import NpyScene, PointCloudDataModule, PthScene
 
 SCANNET_CLASSES = (
@@ -66,8 +66,14 @@ class ScanNetDataModule(PointCloudDataModule):
         if layout == "pth":
             scenes = [PthScene(f"{folder.name}/{p.stem}", p, ("semantic_gt20", "segment20", "segment")) for p in sorted(folder.glob("*.pth"))]
         else:
-            scenes = [NpyScene(f"{folder.name}/{p.name}", p, self.segment_file) for p in sorted(folder.iterdir()) if (p / "coord.npy").is_file()]
-            if not scenes and any(folder.iterdir()):
+            scans = [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+            if not scans and any(folder.iterdir()):
                 raise LayoutError(folder, "holds neither scene*/coord.npy folders nor scene*.pth files")
+            for scan in scans:
+                if not (scan / "coord.npy").is_file():
+                    raise DatasetNotFoundError(scan / "coord.npy", "scan folder has no coord.npy")
+            scenes = [NpyScene(f"{folder.name}/{p.name}", p, self.segment_file) for p in scans]
+        if not scenes:
+            raise EmptyDatasetError(folder, f"the {split} split folder holds no scans")
         self.dataset_name = f"ScanNet-{layout}:{self.resolved_root().name}"
         return scenes

@@ -39,7 +39,14 @@ from typing import Optional
 
 import numpy as np
 
-from data.errors import DatasetNotFoundError, EmptyDatasetError, LayoutError, MissingPairError, UnreadableFileError
+from data.errors import (
+    DatasetNotFoundError,
+    EmptyDatasetError,
+    InvalidValueError,
+    LayoutError,
+    MissingPairError,
+    UnreadableFileError,
+)
 from data.registration import RegistrationDataModule, RegistrationPair
 
 BENCHMARKS = ("3DMatch", "3DLoMatch")
@@ -70,6 +77,8 @@ def _read_blocks(path: Path, rows: int, columns: int) -> dict[tuple[int, int], n
             raise UnreadableFileError(path, f"line {start + 1}: expected 'i j n' and {rows} rows of {columns} numbers") from None
         if len(header) != 3 or matrix.shape != (rows, columns):
             raise UnreadableFileError(path, f"line {start + 1}: expected 'i j n' and {rows} rows of {columns} numbers")
+        if not np.isfinite(matrix).all():  # a NaN transform would read as "ground truth unknown"
+            raise InvalidValueError(path, f"line {start + 1}: the matrix of pair {i} {j} holds NaN or infinite values")
         blocks[(i, j)] = matrix
     return blocks
 
