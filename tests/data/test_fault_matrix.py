@@ -874,6 +874,16 @@ def _(tmp):
     return Case(threedmatch(root, "test"), root / "test" / "scene-a" / "cloud_bin_2.ply", MissingPairError)
 
 
+@cell("threedmatch", "label_range", "gt.log not a motion")  # orthonormal, but a reflection
+def _(tmp):
+    root = threedmatch_root(tmp)
+    log = root / "test" / "scene-a" / "gt.log"
+    mirrored = random_motion(4)
+    mirrored[:3, 0] *= -1
+    write_gt_log(log, {(0, 1): mirrored}, 2)
+    return Case(threedmatch(root, "test"), log, InvalidValueError)
+
+
 def write_kitti(root: Path, sequence: int = 8, scans: int = 9, points: int = 60) -> Path:
     """``sequences/NN/velodyne/*.bin`` and ``poses/NN.txt``: the camera moves 1.5 m per scan, so
     scans 0 and 6 form the one pair 10 m apart."""
@@ -1016,7 +1026,7 @@ def _(tmp):
 def _(tmp):
     root = pairs_root(tmp)
     (root / "test.txt").write_text("clouds/a.ply clouds/b.ply 2 0 0 0 0 1 0 0 0 0 1 0 0 0 0 1\n")  # a scaling, not a motion
-    return Case(pair_list(root, "test"), root / "test.txt", UnreadableFileError)
+    return Case(pair_list(root, "test"), root / "test.txt", InvalidValueError)
 
 
 # -- the tests -------------------------------------------------------------------------------------
