@@ -44,6 +44,7 @@ from data.errors import (
     LabelRangeError,
     LayoutError,
     MissingPairError,
+    SplitError,
     UnreadableFileError,
 )
 from data.kitti_odometry import KittiOdometryDataModule
@@ -87,11 +88,13 @@ NOT_APPLICABLE = {
 
 @dataclass
 class Case:
-    """A broken dataset: ``run`` loads it, ``culprit`` must be named, ``error`` must be raised."""
+    """A broken dataset: ``run`` loads it, ``culprit`` must be named, ``error`` must be raised,
+    and its message must contain ``says`` (the line of a text file, the value at fault)."""
 
     run: Callable[[], None]
     culprit: Path
     error: type[DatasetError]
+    says: str = ""
 
 
 CASES: dict[tuple[str, str, str], Callable[[Path], Case]] = {}
@@ -460,6 +463,13 @@ def _(tmp):
     return Case(echonet(root, "test"), root, EmptyDatasetError)
 
 
+@cell("echonet", "missing_split", "unknown value")  # the official loader would leave it in no split
+def _(tmp):
+    root = write_echonet(tmp / "echonet")
+    (root / "FileList.csv").write_text((root / "FileList.csv").read_text().replace(",TEST", ",TSET"))
+    return Case(echonet(root, "fit"), root / "FileList.csv", SplitError, says="line 5: Split 'TSET'")
+
+
 @cell("echonet", "empty_folder")
 def _(tmp):
     root = write_echonet(tmp / "echonet")
@@ -490,6 +500,12 @@ def _(tmp):
 def _(tmp):
     root = write_echonet(tmp / "echonet")
     return Case(echonet(root, "fit"), add_tracing(root, "0XAAA.avi,1,1,2,2,99"), LabelRangeError)
+
+
+@cell("echonet", "label_range", "outside the frame")  # a tracing for a larger frame: clipping would hide it
+def _(tmp):
+    root = write_echonet(tmp / "echonet")  # 32 x 32 frames; up to one pixel past the border is allowed
+    return Case(echonet(root, "fit"), add_tracing(root, "0XBBB.avi,8,20,34,20,5"), LabelRangeError, says="line 34:")
 
 
 def cardiac(root: Path, *stages: str, site: str = "Site_G_100") -> Callable[[], None]:
@@ -1052,6 +1068,7 @@ def test_bad_input_raises_one_line_naming_the_culprit_and_writes_nothing(key, tm
     assert isinstance(error, case.error), f"{type(error).__name__}: {message}"
     assert message and "\n" not in message, message
     assert str(case.culprit) in message, message
+    assert case.says in message, message
     after = snapshot(tmp_path)
     left = sorted(path for path in set(after) - set(before) if not finished_cache_entry(tmp_path, path, after))
     assert not left, f"left behind: {left}"
