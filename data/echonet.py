@@ -14,9 +14,11 @@ is rasterised to a mask (``skimage.draw.polygon``, as the EchoNet loader does). 
 matched with or without ``.avi`` (``FileList.csv`` leaves it off in the public release, the
 tracings keep it, and GraphEcho's loader assumes the opposite). Videos without tracings are
 unlabelled: usable as target-domain training clips, never scored. A listed video that is missing,
-an empty ``Videos/``, a tracing of a video that does not exist, a tracing with a NaN or infinite
-coordinate, a traced frame past the video's end, and a video with no frames or fewer frames than
-its header announces (cut short) stop the run with an error naming the file.
+an empty ``Videos/``, a ``Split`` other than TRAIN / VAL / TEST (the only values of the public
+release, and the only ones the official loader selects), a tracing of a video that does not
+exist, a tracing with a NaN or infinite coordinate or one more than a pixel outside the frame, a
+traced frame past the video's end, and a video with no frames or fewer frames than its header
+announces (cut short) stop the run with an error naming the file (and the CSV line).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from data.errors import (
     LabelRangeError,
     LayoutError,
     MissingPairError,
+    SplitError,
     UnreadableFileError,
 )
 
@@ -79,20 +82,49 @@ def trace_mask(chords: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def outside_frame(chords: np.ndarray, shape: tuple[int, int]) -> int | None:
+    """Row of the first chord with an end outside a (H, W) frame, or None.
+
+    EchoNet's tracers drew up to the edge of the image, so some ends lie just past the last
+    pixel and the official loader lets ``skimage.draw.polygon`` clip them; up to one pixel
+    beyond the pixel grid (-1 .. W, -1 .. H) is therefore accepted. Anything farther is a
+    tracing made for another frame size, which clipping would silently turn into a wrong mask.
+    """
+    height, width = shape
+    x, y = chords[:, [0, 2]], chords[:, [1, 3]]
+    bad = ((x < -1) | (x > width) | (y < -1) | (y > height)).any(axis=1)
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+@dataclass
+class Tracing:
+    """One traced frame: (K, 4) chords ``X1, Y1, X2, Y2`` (row 0: the long axis) and the
+    ``VolumeTracings.csv`` line each came from (for error messages)."""
+
+    chords: np.ndarray
+    lines: list[int]
+
+
 @dataclass
 class EchoNetVideo(EchoVideo):
     path: Path = Path()
-    tracings: dict[int, np.ndarray] = field(default_factory=dict)  # frame -> (K, 4) chords
+    tracings: dict[int, Tracing] = field(default_factory=dict)  # by frame
     tracing_file: Path = Path()
 
     def read(self) -> EchoFrames:
         images = read_avi(self.path)
         labels = np.zeros(images.shape, np.int64)
         labelled = np.zeros(len(images), bool)
-        for frame, chords in self.tracings.items():
+        for frame, tracing in self.tracings.items():
             if not 0 <= frame < len(images):
-                raise LabelRangeError(self.tracing_file, f"traces frame {frame} of {self.path.name}, which has {len(images)} frames")
-            labels[frame] = trace_mask(chords, images.shape[1:])
+                problem = f"traces frame {frame} of {self.path.name}, which has {len(images)} frames"
+                raise LabelRangeError(self.tracing_file, f"line {tracing.lines[0]} {problem}")
+            row = outside_frame(tracing.chords, images.shape[1:])
+            if row is not None:
+                chord = " ".join(f"{v:g}" for v in tracing.chords[row])
+                frame_size = f"{images.shape[2]} x {images.shape[1]}"
+                raise LabelRangeError(self.tracing_file, f"line {tracing.lines[row]}: chord {chord} lies outside the {frame_size} frames of {self.path.name}")
+            labels[frame] = trace_mask(tracing.chords, images.shape[1:])
             labelled[frame] = True
         return check_frames(EchoFrames(images.astype(np.float32) / 255.0, labels, labelled), self.path, None, [1])
 
@@ -101,8 +133,8 @@ def _stem(name: str) -> str:
     return name[:-4] if name.lower().endswith(".avi") else name
 
 
-def read_tracings(path: Path) -> dict[str, dict[int, np.ndarray]]:
-    """``VolumeTracings.csv`` as ``{video stem: {frame: (K, 4) chords}}``."""
+def read_tracings(path: Path) -> dict[str, dict[int, Tracing]]:
+    """``VolumeTracings.csv`` as ``{video stem: {frame: its tracing}}``."""
     tracings: dict[str, dict[int, list]] = {}
     with path.open(newline="") as handle:
         reader = csv.reader(handle)
@@ -117,10 +149,13 @@ def read_tracings(path: Path) -> dict[str, dict[int, np.ndarray]]:
                 chord = [float(x1), float(y1), float(x2), float(y2)]
                 if not np.isfinite(chord).all():
                     raise InvalidValueError(path, f"line {line_number} has a NaN or infinite coordinate: {row}")
-                tracings.setdefault(_stem(name.strip()), {}).setdefault(int(frame), []).append(chord)
+                tracings.setdefault(_stem(name.strip()), {}).setdefault(int(frame), []).append((chord, line_number))
             except ValueError:
                 raise LayoutError(path, f"line {line_number} is not FileName,X1,Y1,X2,Y2,Frame: {row}") from None
-    return {name: {f: np.asarray(c, np.float64) for f, c in frames.items()} for name, frames in tracings.items()}
+    return {
+        name: {f: Tracing(np.asarray([c for c, _ in rows], np.float64), [n for _, n in rows]) for f, rows in frames.items()}
+        for name, frames in tracings.items()
+    }
 
 
 def discover_echonet(root: Path) -> list[EchoNetVideo]:
@@ -138,13 +173,17 @@ def discover_echonet(root: Path) -> list[EchoNetVideo]:
             raise MissingPairError(tracing_file, f"has tracings for {name}.avi, which is not in {videos_dir}")
     videos = []
     with file_list.open(newline="") as handle:
-        for row in csv.DictReader(handle):
+        reader = csv.DictReader(handle)
+        for row in reader:
             if "FileName" not in row or "Split" not in row:
                 raise LayoutError(file_list, "needs FileName and Split columns")
             name = _stem(row["FileName"].strip())
             if name not in on_disk:
                 raise DatasetNotFoundError(videos_dir / f"{name}.avi", "listed in FileList.csv but missing")
-            split = SPLITS.get(row["Split"].strip().upper())
+            value = (row["Split"] or "").strip()
+            if value.upper() not in SPLITS:  # the official loader selects exactly these: others are in no split
+                raise SplitError(file_list, f"line {reader.line_num}: Split {value!r} of {name} is not one of {', '.join(SPLITS)}")
+            split = SPLITS[value.upper()]
             traced = tracings.get(name, {})
             videos.append(
                 EchoNetVideo(

@@ -206,15 +206,48 @@ def ascii_non_finite_lines(path: Path) -> int:
 
 
 def read_labels(path: Path) -> np.ndarray:
-    """Per-point class indices: ``.npy``, or text with one integer per line (``.labels``, ``.txt``)."""
+    """Per-point class indices: ``.npy``, or text with one integer per line (``.labels``, ``.txt``).
+
+    Text is read as numbers first and checked for integers after, so a ``1.5`` or a ``nan`` is
+    named with its line instead of failing inside numpy (``.npy`` labels are checked, by point,
+    in ``check_scene``). Blank lines and lines starting with ``#`` are skipped.
+    """
     if path.suffix == ".npy":
-        labels = load_npy(path)
-    else:
-        try:
-            labels = np.loadtxt(path, dtype=np.int64, ndmin=1)
-        except ValueError as error:
-            raise UnreadableFileError(path, f"expected one integer label per line ({error})") from None
-    return np.asarray(labels).reshape(-1)
+        return load_npy(path).reshape(-1)
+    try:
+        text = path.read_bytes()
+    except OSError as error:
+        raise UnreadableFileError(path, f"cannot read ({error})") from None
+    numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip() and not line.lstrip().startswith(b"#")]
+    try:
+        labels = np.array([line for _, line in numbered], dtype=np.float64)
+    except ValueError:  # line by line, to name the line that is not one number
+        values = []
+        for number, line in numbered:
+            try:
+                values.append(float(line))
+            except ValueError:
+                shown = line[:40].decode("utf-8", errors="backslashreplace")
+                raise UnreadableFileError(path, f"line {number} is not one integer label: {shown!r}") from None
+        labels = np.array(values, dtype=np.float64)
+    bad = not_integer(labels)
+    if bad is not None:
+        raise LabelRangeError(path, f"line {numbered[bad][0]}: label {labels[bad]:g} is not an integer class")
+    return labels.astype(np.int64)
+
+
+def not_integer(labels: np.ndarray) -> int | None:
+    """Index of the first label that is not a finite whole number (NaN, inf, 1.5), or None.
+
+    Casting such a label to int64 would truncate it silently (1.5 becomes class 1) or turn it
+    into -9223372036854775808 (NaN), so labels are checked before any cast.
+    """
+    if labels.dtype.kind in "biu":
+        return None
+    values = labels.astype(np.float64)
+    bad = values != np.round(values)  # NaN too (it equals nothing); infinity is whole to round()
+    bad |= np.isinf(values)
+    return int(np.argmax(bad)) if bad.any() else None
 
 
 def write_point_file(path: Path, coord: np.ndarray, colour: np.ndarray) -> None:
@@ -247,6 +280,7 @@ class NpyScene:
             file = self.path / f"{key}.npy"
             if file.is_file():
                 scene[key] = load_npy(file)
+                scene[f"{key}_path"] = file  # a bad colour is named by color.npy, not coord.npy
             elif key == "coord":
                 raise DatasetNotFoundError(file, "scene folder has no coord.npy")
         if self.segment_file is not None:
@@ -315,17 +349,29 @@ def check_scene(scene: dict[str, Any], features: Sequence[str], num_classes: int
         if key not in scene:
             raise MissingPairError(path, f"has no {key} but the datamodule's features include it")
         value = np.asarray(scene[key], dtype=np.float32)
+        feature_path = scene.get(f"{key}_path", path)
         if value.shape != coord.shape:
-            raise ShapeMismatchError(path, f"{key} has shape {value.shape}, coordinates {coord.shape}")
+            raise ShapeMismatchError(feature_path, f"{key} has shape {value.shape}, coordinates {coord.shape}")
         if not np.isfinite(value).all():
             bad = int((~np.isfinite(value)).any(1).sum())
-            raise InvalidValueError(path, f"{bad} of {len(coord)} points have NaN or infinite {key} values")
+            raise InvalidValueError(feature_path, f"{bad} of {len(coord)} points have NaN or infinite {key} values")
         if key == "color":
+            outside = ((value < 0) | (value > 255)).any(1)
+            if outside.any():  # 16-bit colours, or colours scaled by 255 twice: never wrapped or clipped quietly
+                row = int(np.argmax(outside))
+                problem = f"{int(outside.sum())} of {len(coord)} points have colour values outside 0..255"
+                raise InvalidValueError(feature_path, f"{problem} (point {row}: {value[row].tolist()})")
             value = value / 255.0
         out[key] = torch.from_numpy(value)
     if "segment" in scene:
         label_path = scene.get("segment_path", path)
-        segment = np.asarray(scene["segment"]).astype(np.int64).reshape(-1)
+        segment = np.asarray(scene["segment"]).reshape(-1)
+        if segment.dtype.kind not in "biuf":
+            raise UnreadableFileError(label_path, f"labels have type {segment.dtype}, expected integers")
+        bad = not_integer(segment)
+        if bad is not None:
+            raise LabelRangeError(label_path, f"label {float(segment[bad]):g} of point {bad} is not an integer class")
+        segment = segment.astype(np.int64)
         if len(segment) != len(coord):
             raise ShapeMismatchError(label_path, f"has {len(segment)} labels for {len(coord)} points")
         segment = np.where(np.isin(segment, ignore_labels), IGNORE_INDEX, segment)

@@ -50,6 +50,22 @@ from data.sampling import SampleKey, sample_key
 POINT_CLOUD_SUFFIXES = (".ply", ".pcd", ".npz", ".bin")
 
 
+def rigid_motion_problem(transform: np.ndarray) -> str | None:
+    """Why a 4 x 4 ground-truth matrix is not a rigid motion, or None if it is one.
+
+    Ground-truth files print a handful of digits, so the rotation need only be orthonormal to
+    1e-3; a reflection (determinant -1) is orthonormal too, but no motion.
+    """
+    if not np.allclose(transform[3], [0, 0, 0, 1]):
+        return "last row not 0 0 0 1"
+    rotation = transform[:3, :3]
+    if not np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-3):
+        return "rotation not orthonormal"
+    if np.linalg.det(rotation) < 0:
+        return "rotation is a reflection"
+    return None
+
+
 # -- reading clouds -----------------------------------------------------------------------------
 
 

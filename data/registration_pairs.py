@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import DatasetNotFoundError, EmptyDatasetError, MissingPairError, UnreadableFileError
-from data.registration import POINT_CLOUD_SUFFIXES, RegistrationDataModule, RegistrationPair
+from data.errors import DatasetNotFoundError, EmptyDatasetError, InvalidValueError, MissingPairError, UnreadableFileError
+from data.registration import POINT_CLOUD_SUFFIXES, RegistrationDataModule, RegistrationPair, rigid_motion_problem
 
 
 def read_pair_list(path: Path) -> list[RegistrationPair]:
@@ -36,8 +36,9 @@ def read_pair_list(path: Path) -> list[RegistrationPair]:
             raise UnreadableFileError(path, f"line {number}: the transform must be numbers") from None
         transform = np.eye(4)
         transform[: len(values) // 4] = values.reshape(-1, 4)
-        if not np.allclose(transform[3], [0, 0, 0, 1]) or not np.allclose(transform[:3, :3] @ transform[:3, :3].T, np.eye(3), atol=1e-3):
-            raise UnreadableFileError(path, f"line {number}: the transform is not rigid (rotation not orthonormal or last row not 0 0 0 1)")
+        problem = rigid_motion_problem(transform)
+        if problem:
+            raise InvalidValueError(path, f"line {number}: the transform is not rigid ({problem})")
         clouds = []
         for field in fields[:2]:
             cloud = Path(field) if Path(field).is_absolute() else path.parent / field

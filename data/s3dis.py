@@ -22,8 +22,8 @@ naming that file and line; delete the character and run again.
 
 Splits: the ``test_area`` tests; ``val_area`` validates (default: the test area, as the official
 code and the field do); every other area trains. An empty area, a room folder without its
-``Annotations/`` (raw) or ``coord.npy`` (npy), and a NaN or infinite raw value are errors naming
-the folder or file.
+``Annotations/`` (raw) or ``coord.npy`` (npy), a NaN or infinite raw value and a raw colour that
+is not an integer in 0..255 are errors naming the folder or file (and the line).
 """
 
 from __future__ import annotations
@@ -108,6 +108,12 @@ def parse_xyzrgb(path: Path) -> np.ndarray:
     finite = np.isfinite(points).all(axis=1)
     if not finite.all():  # the fast path read one point per line, so row k is line k + 1
         raise InvalidValueError(path, f"line {int(np.argmin(finite)) + 1} holds a NaN or infinite value")
+    colour = points[:, 3:]
+    bad = ((colour < 0) | (colour > 255) | (colour != np.round(colour))).any(axis=1)
+    if bad.any():  # stored as uint8: anything else would wrap (256 -> 0) or truncate silently
+        number = int(np.argmax(bad)) + 1
+        shown = " ".join(f"{v:g}" for v in colour[number - 1])
+        raise InvalidValueError(path, f"line {number}: colour {shown} is not three integers in 0..255")
     return points
 
 

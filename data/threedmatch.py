@@ -47,7 +47,7 @@ from data.errors import (
     MissingPairError,
     UnreadableFileError,
 )
-from data.registration import RegistrationDataModule, RegistrationPair
+from data.registration import RegistrationDataModule, RegistrationPair, rigid_motion_problem
 
 BENCHMARKS = ("3DMatch", "3DLoMatch")
 #: PointDSC/VBReg ``misc/split/val_3dmatch.txt``
@@ -62,8 +62,9 @@ VALIDATION_SCENES = (
 FRAGMENT = re.compile(r"^cloud_bin_(\d+)\.ply$")
 
 
-def _read_blocks(path: Path, rows: int, columns: int) -> dict[tuple[int, int], np.ndarray]:
-    """Parse a gt.log (4 x 4) or gt.info (6 x 6) file: ``i j n`` then ``rows`` lines of ``columns``."""
+def _read_blocks(path: Path, rows: int, columns: int, rigid: bool = False) -> dict[tuple[int, int], np.ndarray]:
+    """Parse a gt.log (4 x 4) or gt.info (6 x 6) file: ``i j n`` then ``rows`` lines of ``columns``
+    (with ``rigid``, each matrix must be a rigid motion)."""
     lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
     if len(lines) % (rows + 1):
         raise UnreadableFileError(path, f"{len(lines)} non-empty lines is not a multiple of {rows + 1} (header + {rows} rows)")
@@ -79,13 +80,17 @@ def _read_blocks(path: Path, rows: int, columns: int) -> dict[tuple[int, int], n
             raise UnreadableFileError(path, f"line {start + 1}: expected 'i j n' and {rows} rows of {columns} numbers")
         if not np.isfinite(matrix).all():  # a NaN transform would read as "ground truth unknown"
             raise InvalidValueError(path, f"line {start + 1}: the matrix of pair {i} {j} holds NaN or infinite values")
+        reason = rigid_motion_problem(matrix) if rigid else None
+        if reason:
+            raise InvalidValueError(path, f"line {start + 1}: the matrix of pair {i} {j} is not rigid ({reason})")
         blocks[(i, j)] = matrix
     return blocks
 
 
 def read_gt_log(path: Path) -> dict[tuple[int, int], np.ndarray]:
-    """``{(i, j): T}`` with T (4 x 4) taking fragment j into fragment i's frame."""
-    return _read_blocks(path, 4, 4)
+    """``{(i, j): T}`` with T (4 x 4) taking fragment j into fragment i's frame; a T that is not a
+    rigid motion is an error (inverting a scaled or sheared matrix gives no ground truth)."""
+    return _read_blocks(path, 4, 4, rigid=True)
 
 
 def read_gt_info(path: Path) -> dict[tuple[int, int], np.ndarray]:

@@ -18,8 +18,21 @@ def cli(*args: str) -> int:
     return main(list(args))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """This module's own data cache, set before the module-scoped fit and kept for every test.
+
+    The fit writes the built-in scenes there and ``predict`` reads one of them back, so the scene
+    is found whichever tests run (``-k predict`` alone) and whatever else the session has cached.
+    """
+    cache = tmp_path_factory.mktemp("registration_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GLOCAL_CACHE", str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
+def trained_run(tmp_path_factory, data_cache) -> Path:
     run = tmp_path_factory.mktemp("run") / "vbreg"
     assert cli("fit", "--config", CONFIG, "--trainer.default_root_dir", str(run)) == 0
     return run
@@ -29,10 +42,8 @@ def common(run: Path) -> list[str]:
     return ["--config", CONFIG, "--trainer.default_root_dir", str(run)]
 
 
-def builtin_test_scene() -> Path:
-    from data.base import cache_root
-
-    (root,) = cache_root().glob("registration_builtin-*")
+def builtin_test_scene(cache: Path) -> Path:
+    (root,) = cache.glob("registration_builtin-*")
     return root / "test" / "room-test-00"
 
 
@@ -64,8 +75,8 @@ def test_export_has_a_dynamic_number_of_correspondences(trained_run, tmp_path, c
     assert logits.shape == (1, 211) and features.shape[:3] == (1, 2, 211) and queries.shape == keys.shape
 
 
-def test_predict_writes_the_transform_and_the_aligned_source(trained_run, tmp_path, capsys):
-    scene = builtin_test_scene()
+def test_predict_writes_the_transform_and_the_aligned_source(trained_run, data_cache, tmp_path, capsys):
+    scene = builtin_test_scene(data_cache)
     source, target = scene / "cloud_bin_0.ply", scene / "cloud_bin_1.ply"
     out = tmp_path / "aligned"
     # the short form the README shows (without init_args)

@@ -263,6 +263,22 @@ def test_echonet_traced_frame_past_the_end_and_bad_header_are_named(tmp_path):
         discover_echonet(root)
 
 
+def test_echonet_tracing_may_reach_one_pixel_past_the_border_and_no_farther(tmp_path):
+    root = write_echonet(tmp_path)  # 32 x 32 frames: pixel centres 0..31
+    tracings = root / "VolumeTracings.csv"
+    text = tracings.read_text()
+    tracings.write_text(text.replace("0XAAA.avi,8,8,24,8,5", "0XAAA.avi,-1,8,32,8,5"))  # drawn at the edges
+    frames = discover_echonet(root)[0].read()
+    rows, cols = skimage.draw.polygon([8, 16, 24, 24, 16, 8], [-1, 8, 10, 22, 24, 32], (32, 32))
+    expected = np.zeros((32, 32), np.int64)
+    expected[rows, cols] = 1  # clipped to the frame, as the official loader does
+    np.testing.assert_array_equal(frames.labels[5], expected)
+    assert expected[8].all()  # the top chord spans the whole frame
+    tracings.write_text(text.replace("0XAAA.avi,8,8,24,8,5", "0XAAA.avi,-1.5,8,24,8,5"))
+    with pytest.raises(LabelRangeError, match=r"VolumeTracings.csv: line 7: chord -1.5 8 24 8 lies outside the 32 x 32 frames of 0XAAA.avi"):
+        discover_echonet(root)[0].read()
+
+
 # -- the datamodule --------------------------------------------------------------------------------
 
 

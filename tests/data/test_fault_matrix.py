@@ -44,6 +44,7 @@ from data.errors import (
     LabelRangeError,
     LayoutError,
     MissingPairError,
+    SplitError,
     UnreadableFileError,
 )
 from data.kitti_odometry import KittiOdometryDataModule
@@ -63,7 +64,7 @@ from tests.data.test_point_datasets import scene_arrays, write_npy_room, write_p
 from tests.data.test_registration_data import random_motion, room_points, write_benchmark_scene, write_ply
 from tests.data.test_scene_folders import write_class_folders
 
-FAULTS = ("truncated", "missing_split", "empty_folder", "nan", "inf", "label_range")
+FAULTS = ("truncated", "missing_split", "empty_folder", "nan", "inf", "label_range", "value_range")
 FORMATS = (
     "lol", "scene_folders", "synapse_npz_h5", "nifti", "camus", "echonet", "cardiac_uda",
     "s3dis", "scannet", "point_files", "threedmatch", "kitti", "registration_pairs",
@@ -77,21 +78,35 @@ NOT_APPLICABLE = {
     ("scene_folders", "nan"): "images decode to 8-bit RGB, which holds no NaN, and have no coordinates",
     ("scene_folders", "inf"): "images decode to 8-bit RGB, which holds no infinity, and have no coordinates",
     ("scene_folders", "label_range"): "an image's label is the name of its class folder, so it cannot fall outside the classes",
+    ("lol", "value_range"): "images decode to 8-bit RGB, which holds only 0..255",
+    ("scene_folders", "value_range"): "images decode to 8-bit RGB, which holds only 0..255",
+    ("nifti", "value_range"): "CT in Hounsfield units has no fixed range: every value is windowed to [0, 1] as TransUNet does",
+    ("camus", "value_range"): "pixels have no fixed range here: a video is scaled to [0, 1] by its type (8-bit by 255, wider by its maximum)",
+    ("echonet", "value_range"): "videos are 8-bit AVI, which holds only 0..255 (a tracing outside the frame is a label_range cell)",
+    ("cardiac_uda", "value_range"): "pixels have no fixed range here: a video is scaled to [0, 1] by its type (8-bit by 255, wider by its maximum)",
+    ("threedmatch", "value_range"): "fragments hold coordinates only, which have no fixed range (a gt.log matrix that is no motion: label_range)",
+    ("kitti", "value_range"): "scans hold coordinates, which have no fixed range, and a reflectance that registration does not read",
+    ("registration_pairs", "value_range"): "clouds hold coordinates only, which have no fixed range (a transform that is no motion: label_range)",
 }
 # For the other formats the columns read as follows. Volumes and videos have no coordinates:
 # their NaN / inf cells put a non-finite value into a float image, video or tracing (EchoNet's
 # tracings are coordinates). Registration data has no class labels: its label_range cells give
 # a ground truth that points outside the data (a gt.log pair naming a fragment that does not
-# exist, fewer KITTI poses than scans, a transform that is not a rigid motion).
+# exist, fewer KITTI poses than scans, a transform that is not a rigid motion). A label that is
+# not a whole number (1.5, NaN) is a label_range or nan cell: a cast to integers would truncate
+# it silently. value_range cells hold a value outside the range the format defines for it: a
+# colour past 0..255 (stored as 8 bits it would wrap), CT outside TransUNet's windowed [0, 1].
 
 
 @dataclass
 class Case:
-    """A broken dataset: ``run`` loads it, ``culprit`` must be named, ``error`` must be raised."""
+    """A broken dataset: ``run`` loads it, ``culprit`` must be named, ``error`` must be raised,
+    and its message must contain ``says`` (the line of a text file, the value at fault)."""
 
     run: Callable[[], None]
     culprit: Path
     error: type[DatasetError]
+    says: str = ""
 
 
 CASES: dict[tuple[str, str, str], Callable[[Path], Case]] = {}
@@ -305,6 +320,12 @@ def _(tmp):
     return Case(synapse(root, "test"), path, IntensityRangeError)
 
 
+@cell("synapse_npz_h5", "value_range")  # TransUNet's files hold CT already windowed to [0, 1]
+def _(tmp):
+    root = transunet_root(tmp)
+    return Case(synapse(root, "fit"), rewrite_npz(root / "train_npz" / "case0005_slice001.npz", 1.5), IntensityRangeError)
+
+
 @cell("synapse_npz_h5", "label_range")  # as test_synapse.py::test_h5_labels_out_of_range_are_named
 def _(tmp):
     root = transunet_root(tmp)
@@ -460,6 +481,13 @@ def _(tmp):
     return Case(echonet(root, "test"), root, EmptyDatasetError)
 
 
+@cell("echonet", "missing_split", "unknown value")  # the official loader would leave it in no split
+def _(tmp):
+    root = write_echonet(tmp / "echonet")
+    (root / "FileList.csv").write_text((root / "FileList.csv").read_text().replace(",TEST", ",TSET"))
+    return Case(echonet(root, "fit"), root / "FileList.csv", SplitError, says="line 5: Split 'TSET'")
+
+
 @cell("echonet", "empty_folder")
 def _(tmp):
     root = write_echonet(tmp / "echonet")
@@ -490,6 +518,12 @@ def _(tmp):
 def _(tmp):
     root = write_echonet(tmp / "echonet")
     return Case(echonet(root, "fit"), add_tracing(root, "0XAAA.avi,1,1,2,2,99"), LabelRangeError)
+
+
+@cell("echonet", "label_range", "outside the frame")  # a tracing for a larger frame: clipping would hide it
+def _(tmp):
+    root = write_echonet(tmp / "echonet")  # 32 x 32 frames; up to one pixel past the border is allowed
+    return Case(echonet(root, "fit"), add_tracing(root, "0XBBB.avi,8,20,34,20,5"), LabelRangeError, says="line 34:")
 
 
 def cardiac(root: Path, *stages: str, site: str = "Site_G_100") -> Callable[[], None]:
@@ -617,9 +651,12 @@ def _(tmp):
     return Case(points(S3DISDataModule, root, "test"), npy_with(root / "Area_5" / "office_1" / "coord.npy", (4, 1), np.nan), InvalidValueError)
 
 
-def raw_with(path: Path, token: str) -> Path:
+def raw_with(path: Path, token: str, field: int = 0) -> Path:
+    """``token`` as field ``field`` of the second line of an ``x y z r g b`` file."""
     lines = path.read_text().splitlines()
-    lines[1] = " ".join([token, *lines[1].split()[1:]])
+    fields = lines[1].split()
+    fields[field] = token
+    lines[1] = " ".join(fields)
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -657,14 +694,53 @@ def _(tmp):
     return Case(points(S3DISDataModule, root, "test"), root / "Area_5" / "office_2" / "Annotations" / "lamp_1.txt", LabelRangeError)
 
 
+@cell("s3dis", "nan", "label")  # a cast to int64 would make it -9223372036854775808
+def _(tmp):
+    root = s3dis_root(tmp)
+    path = root / "Area_5" / "office_1" / "segment.npy"
+    np.save(path, np.load(path).astype(np.float32))
+    return Case(points(S3DISDataModule, root, "test"), npy_with(path, 6, np.nan), LabelRangeError, says="label nan of point 6")
+
+
+@cell("s3dis", "label_range", "fractional")  # a cast to int64 would make it class 2
+def _(tmp):
+    root = s3dis_root(tmp)
+    path = root / "Area_1" / "office_1" / "segment.npy"
+    np.save(path, np.load(path).astype(np.float64))
+    return Case(points(S3DISDataModule, root, "fit"), npy_with(path, 3, 2.5), LabelRangeError, says="label 2.5 of point 3")
+
+
+@cell("s3dis", "value_range")  # stored as uint8, 256 would wrap to 0
+def _(tmp):
+    root = s3dis_raw_root(tmp)
+    path = raw_with(root / "Area_1" / "office_1" / "Annotations" / "chair_1.txt", "256", field=4)
+    return Case(points(S3DISDataModule, root, "fit"), path, InvalidValueError, says="line 2")
+
+
+@cell("s3dis", "value_range", "raw fractional")  # colours written in [0, 1] would all truncate to black
+def _(tmp):
+    root = s3dis_raw_root(tmp)
+    path = raw_with(root / "Area_5" / "office_1" / "Annotations" / "table_1.txt", "0.5", field=3)
+    return Case(points(S3DISDataModule, root, "test"), path, InvalidValueError)
+
+
+@cell("s3dis", "value_range", "npy")
+def _(tmp):
+    root = s3dis_root(tmp)
+    path = root / "Area_5" / "office_1" / "color.npy"
+    np.save(path, np.load(path).astype(np.float32))
+    return Case(points(S3DISDataModule, root, "test"), npy_with(path, (7, 2), 300.0), InvalidValueError)
+
+
 def write_scannet_pth(path: Path, n: int = 20, seed: int = 0, **changes) -> Path:
-    """A scan in Point Transformer V2's layout (a ``torch.save``d dict of numpy arrays)."""
+    """A scan in Point Transformer V2's layout (a ``torch.save``d dict of numpy arrays); labels
+    stay integers unless a change is not a whole number."""
     import torch
 
     coord, color, segment = scene_arrays(n, seed, classes=20)
     scene = {"coord": coord, "color": color, "normal": np.tile(np.float32([0, 0, 1]), (n, 1)), "semantic_gt20": segment}
     for key, (index, value) in changes.items():
-        scene[key] = scene[key].astype(np.float32 if key != "semantic_gt20" else np.int64)
+        scene[key] = scene[key].astype(np.int64 if key == "semantic_gt20" and float(value).is_integer() else np.float32)
         scene[key][index] = value
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(scene, path)
@@ -738,6 +814,20 @@ def _(tmp):
     return Case(scannet(root, "test"), path, LabelRangeError)
 
 
+@cell("scannet", "label_range", "fractional")
+def _(tmp):
+    root = scannet_root(tmp)
+    path = write_scannet_pth(root / "val" / "scene0001_00.pth", semantic_gt20=(4, 1.5))
+    return Case(scannet(root, "test"), path, LabelRangeError)
+
+
+@cell("scannet", "value_range")  # Point Transformer V2 stores colours as floats in 0..255
+def _(tmp):
+    root = scannet_root(tmp)
+    path = write_scannet_pth(root / "train" / "scene0000_00.pth", color=((2, 1), 256.0))
+    return Case(scannet(root, "fit"), path, InvalidValueError)
+
+
 def point_files_root(tmp: Path) -> Path:
     root = tmp / "clouds"
     write_point_cloud_split(root / "train", ["a.ply", "b.pcd"], n=20)
@@ -795,6 +885,40 @@ def _(tmp):
     labels = root / "test" / "c.labels"
     np.savetxt(labels, np.r_[np.zeros(19, int), 3], fmt="%d")  # classes 0..2
     return Case(point_files(root, "test"), labels, LabelRangeError)
+
+
+def labels_with(path: Path, line: int, token: str) -> Path:
+    """``token`` as line ``line`` (1-based) of a one-label-per-line file."""
+    lines = path.read_text().splitlines()
+    lines[line - 1] = token
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@cell("point_files", "nan", "label")
+def _(tmp):
+    root = point_files_root(tmp)
+    return Case(point_files(root, "fit"), labels_with(root / "train" / "b.labels", 4, "nan"), LabelRangeError, says="line 4: label nan")
+
+
+@cell("point_files", "label_range", "fractional")  # numpy's int parser would refuse it without a line
+def _(tmp):
+    root = point_files_root(tmp)
+    return Case(point_files(root, "test"), labels_with(root / "test" / "c.labels", 7, "1.5"), LabelRangeError, says="line 7: label 1.5")
+
+
+@cell("point_files", "value_range")  # a 16-bit colour: open3d divides every colour by 255
+def _(tmp):
+    root = point_files_root(tmp)
+    path = root / "train" / "a.ply"
+    cloud = o3d.io.read_point_cloud(str(path))
+    rgb = np.rint(np.asarray(cloud.colors) * 255).astype(int)
+    rgb[5] = (300, 20, 20)
+    header = ["ply", "format ascii 1.0", f"element vertex {len(rgb)}", *(f"property float {a}" for a in "xyz")]
+    header += [f"property ushort {c}" for c in ("red", "green", "blue")] + ["end_header"]
+    rows = [" ".join([*(f"{v:.5f}" for v in xyz), *map(str, colour)]) for xyz, colour in zip(np.asarray(cloud.points), rgb)]
+    path.write_text("\n".join(header + rows) + "\n")
+    return Case(point_files(root, "fit"), path, InvalidValueError)
 
 
 # -- registration: 3DMatch, KITTI, pair lists (data/threedmatch.py, data/kitti_odometry.py,
@@ -872,6 +996,16 @@ def _(tmp):
     root = threedmatch_root(tmp)
     write_gt_log(root / "test" / "scene-a" / "gt.log", {(0, 1): np.eye(4), (0, 2): np.eye(4)}, 2)
     return Case(threedmatch(root, "test"), root / "test" / "scene-a" / "cloud_bin_2.ply", MissingPairError)
+
+
+@cell("threedmatch", "label_range", "gt.log not a motion")  # orthonormal, but a reflection
+def _(tmp):
+    root = threedmatch_root(tmp)
+    log = root / "test" / "scene-a" / "gt.log"
+    mirrored = random_motion(4)
+    mirrored[:3, 0] *= -1
+    write_gt_log(log, {(0, 1): mirrored}, 2)
+    return Case(threedmatch(root, "test"), log, InvalidValueError)
 
 
 def write_kitti(root: Path, sequence: int = 8, scans: int = 9, points: int = 60) -> Path:
@@ -1016,7 +1150,7 @@ def _(tmp):
 def _(tmp):
     root = pairs_root(tmp)
     (root / "test.txt").write_text("clouds/a.ply clouds/b.ply 2 0 0 0 0 1 0 0 0 0 1 0 0 0 0 1\n")  # a scaling, not a motion
-    return Case(pair_list(root, "test"), root / "test.txt", UnreadableFileError)
+    return Case(pair_list(root, "test"), root / "test.txt", InvalidValueError)
 
 
 # -- the tests -------------------------------------------------------------------------------------
@@ -1042,6 +1176,7 @@ def test_bad_input_raises_one_line_naming_the_culprit_and_writes_nothing(key, tm
     assert isinstance(error, case.error), f"{type(error).__name__}: {message}"
     assert message and "\n" not in message, message
     assert str(case.culprit) in message, message
+    assert case.says in message, message
     after = snapshot(tmp_path)
     left = sorted(path for path in set(after) - set(before) if not finished_cache_entry(tmp_path, path, after))
     assert not left, f"left behind: {left}"

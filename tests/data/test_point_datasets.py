@@ -17,7 +17,7 @@ from data.errors import (
     ShapeMismatchError,
     UnreadableFileError,
 )
-from data.point_cloud import IGNORE_INDEX, PointCloudDataset, PthScene, write_point_file
+from data.point_cloud import IGNORE_INDEX, PointCloudDataset, PthScene, read_labels, write_point_file
 from data.point_files import PointFileDataModule
 from data.s3dis import S3DISDataModule
 from data.scannet import ScanNetDataModule
@@ -135,6 +135,21 @@ def test_broken_scene_files_raise_errors_naming_the_file(tmp_path, problem, erro
     dm.setup("test")
     with pytest.raises(error, match=message):
         dm.datasets["test"][0]
+
+
+def test_labels_stored_as_whole_floats_are_classes_and_text_labels_may_hold_comments(tmp_path):
+    room = tmp_path / "Area_5" / "office_1"
+    _, _, segment = write_npy_room(room, 30, seed=2)
+    np.save(room / "segment.npy", segment.astype(np.float32))  # some exports store labels as floats
+    dm = datamodule(S3DISDataModule, tmp_path)
+    dm.setup("test")
+    torch.testing.assert_close(dm.datasets["test"][0]["segment"], torch.from_numpy(segment))
+    labels = tmp_path / "scan.labels"
+    labels.write_text("# class per point\n3\n\n1.0\n255\n")
+    assert read_labels(labels).tolist() == [3, 1, 255]
+    labels.write_text("3\n1 2\n")
+    with pytest.raises(UnreadableFileError, match=r"scan.labels: line 2 is not one integer label: '1 2'"):
+        read_labels(labels)
 
 
 def test_truncated_npy_array_is_named(tmp_path):

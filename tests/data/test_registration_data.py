@@ -7,9 +7,9 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from data.correspondences import FeatureCache, FPFHParams, match_features, select_correspondences
-from data.errors import BadPointCloudError, DatasetNotFoundError, MissingPairError, UnreadableFileError
+from data.errors import BadPointCloudError, DatasetNotFoundError, InvalidValueError, MissingPairError, UnreadableFileError
 from data.kitti_odometry import KittiOdometryDataModule, select_pairs
-from data.registration import Augmentation, RegistrationDataset, RegistrationPair, collate_pairs, read_point_cloud
+from data.registration import Augmentation, RegistrationDataset, RegistrationPair, collate_pairs, read_point_cloud, rigid_motion_problem
 from data.registration_pairs import RegistrationPairsDataModule, read_pair_list
 from data.threedmatch import ThreeDMatchDataModule, benchmark_pairs, read_gt_log, write_gt_info, write_gt_log
 
@@ -225,6 +225,20 @@ def test_a_malformed_gt_log_names_the_file_and_line(tmp_path):
         read_gt_log(log)
 
 
+def test_rigid_motion_check_refuses_scalings_reflections_and_bad_last_rows():
+    motion = random_motion(1)
+    assert rigid_motion_problem(motion) is None
+    rounded = np.round(motion, 5)  # ground-truth files print a handful of digits
+    assert rigid_motion_problem(rounded) is None
+    mirrored, scaled, projective = motion.copy(), motion.copy(), motion.copy()
+    mirrored[:3, 2] *= -1
+    scaled[:3, :3] *= 1.01
+    projective[3, 0] = 0.1
+    assert rigid_motion_problem(mirrored) == "rotation is a reflection"
+    assert rigid_motion_problem(scaled) == "rotation not orthonormal"
+    assert rigid_motion_problem(projective) == "last row not 0 0 0 1"
+
+
 def test_fcgf_training_fragments_pair_lists_and_validation_scenes(tmp_path):
     folder = tmp_path / "threedmatch"
     folder.mkdir()
@@ -294,5 +308,5 @@ def test_pair_lists_read_relative_paths_and_refuse_bad_lines(tmp_path):
     with pytest.raises(MissingPairError, match=r"missing.ply: named by .*bad.txt line 1"):
         read_pair_list(bad)
     bad.write_text("clouds/a.ply clouds/b.ply 2 0 0 0 0 1 0 0 0 0 1 0 0 0 0 1\n")
-    with pytest.raises(UnreadableFileError, match="bad.txt: line 1: the transform is not rigid"):
+    with pytest.raises(InvalidValueError, match="bad.txt: line 1: the transform is not rigid"):
         read_pair_list(bad)
