@@ -11,6 +11,8 @@ test pair times, in the same process and one after the other:
   inlier distance tau, up to 100 000 iterations, confidence 0.999; the "RANSAC" rows of the
   papers' FPFH tables), which does its own feature matching;
 * RANSAC on exactly VBReg's K correspondences, same settings;
+* both RANSAC variants once per ``--seeds`` value (open3d's sampler reseeded before every pair):
+  on a few dozen pairs their recall moves by a few points from seed to seed;
 * FGR on the FPFH features.
 
 FPFH extraction is shared by all methods and excluded. Prints one Markdown table.
@@ -23,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 
@@ -31,6 +34,7 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="run folder (trainer.default_root_dir) or .ckpt")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and open3d")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N test pairs (0 = all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="RANSAC seeds, one row each")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # open3d's OpenMP reads it at import
 
@@ -51,12 +55,16 @@ def main() -> None:
     count = len(dataset) if args.limit <= 0 else min(args.limit, len(dataset))
     tau = task.hparams.inlier_threshold
     iterations, confidence = task.hparams.ransac_iterations, task.hparams.ransac_confidence
-    methods = {
-        "VBReg (network + search)": task.predict_batch,
-        f"RANSAC-{iterations // 1000}k (FPFH)": lambda b: baselines.ransac_on_features(b, tau, iterations, confidence),
-        f"RANSAC-{iterations // 1000}k (K correspondences)": lambda b: baselines.ransac_on_correspondences(b, tau, iterations, confidence),
-        "FGR (FPFH)": lambda b: baselines.fast_global_registration(b, tau),
-    }
+    methods = {"VBReg (network + search)": task.predict_batch}
+    for seed in args.seeds:
+        methods[f"RANSAC-{iterations // 1000}k (FPFH), seed {seed}"] = partial(
+            baselines.ransac_on_features, tau=tau, max_iterations=iterations, confidence=confidence, seed=seed
+        )
+    for seed in args.seeds:
+        methods[f"RANSAC-{iterations // 1000}k (K correspondences), seed {seed}"] = partial(
+            baselines.ransac_on_correspondences, tau=tau, max_iterations=iterations, confidence=confidence, seed=seed
+        )
+    methods["FGR (FPFH)"] = partial(baselines.fast_global_registration, tau=tau)
     metrics = {name: task.configure_metrics() for name in methods}
     times: dict[str, list[float]] = {name: [] for name in methods}
     matching: list[float] = []
@@ -74,9 +82,10 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
                 task.update_metrics(metrics[name], prediction, batch)
 
-    ransac = statistics.median(times[f"RANSAC-{iterations // 1000}k (FPFH)"])
+    ransac = statistics.median(times[f"RANSAC-{iterations // 1000}k (FPFH), seed {args.seeds[0]}"])
     print(f"`python benchmarks/registration_vs_ransac.py --run {args.run} --threads {args.threads}"
-          + (f" --limit {args.limit}" if args.limit else "") + f"` ({count} pairs, {datamodule.dataset_name})\n")
+          + (f" --limit {args.limit}" if args.limit else "") + f" --seeds {' '.join(map(str, args.seeds))}`"
+          + f" ({count} pairs, {datamodule.dataset_name}; last column against RANSAC (FPFH), seed {args.seeds[0]})\n")
     print("| method | RR (%) | RRE (deg) | RTE (cm) | inlier P / R / F1 (%) | median s / pair | mean s / pair | median time / RANSAC's |")
     print("|---|---|---|---|---|---|---|---|")
     rows = list(methods) + ["VBReg + mutual matching"]
