@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from data.correspondences import FeatureCache, FPFHParams, match_features, select_correspondences
+from data.correspondences import FeatureCache, FPFHParams, _mutual_nearest, match_features, select_correspondences
 from data.errors import BadPointCloudError, DatasetNotFoundError, InvalidValueError, MissingPairError, UnreadableFileError
 from data.kitti_odometry import KittiOdometryDataModule, select_pairs
 from data.registration import Augmentation, RegistrationDataset, RegistrationPair, collate_pairs, read_point_cloud, rigid_motion_problem
@@ -103,6 +103,25 @@ def test_other_cloud_formats_and_their_errors(tmp_path):
 
 
 # -- correspondences ---------------------------------------------------------------------------
+
+
+def test_one_product_nearest_neighbours_match_brute_force_both_ways_with_ties_to_the_lowest_index():
+    rng = np.random.default_rng(3)
+    source = torch.nn.functional.normalize(torch.from_numpy(rng.random((70, 33), dtype=np.float32)), dim=1)
+    target = torch.nn.functional.normalize(torch.from_numpy(rng.random((50, 33), dtype=np.float32)), dim=1)
+    target[40] = target[10]  # a duplicate target row: a source row's tie goes to 10
+    source[65] = source[5]  # and a duplicate source row, in another block: a target row's tie goes to 5
+    source[0], target[0] = target[10], source[5]  # rows whose best match is one of the tied pair
+    s2t, s2t_dist, t2s, t2s_dist = _mutual_nearest(source, target, chunk=16)
+    similarity = source.double() @ target.double().T
+    best_target = similarity.max(dim=1).values
+    best_source = similarity.max(dim=0).values
+    torch.testing.assert_close(similarity[torch.arange(70), s2t], best_target, atol=1e-6, rtol=0)
+    torch.testing.assert_close(similarity[t2s, torch.arange(50)], best_source, atol=1e-6, rtol=0)
+    torch.testing.assert_close(s2t_dist, (2 - 2 * best_target).clamp_min(0).sqrt(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(t2s_dist, (2 - 2 * best_source).clamp_min(0).sqrt(), atol=1e-3, rtol=0)
+    assert s2t[0] == 10 and t2s[0] == 5
+    assert 40 not in s2t.tolist() and 65 not in t2s.tolist()
 
 
 def test_mutual_matches_come_first_and_selection_has_a_fixed_size():
