@@ -91,16 +91,10 @@ def read_point_file(path: Path) -> dict[str, np.ndarray]:
 
     if not path.is_file():
         raise DatasetNotFoundError(path, "point file does not exist")
-    problem = point_file_problem(path)
-    if problem:
-        raise UnreadableFileError(path, problem)
-    non_finite = ascii_non_finite_lines(path)
-    if non_finite:
-        raise InvalidValueError(path, f"{non_finite} of {point_file_count(path)} points have NaN or infinite values")
+    expected = check_point_file(path)
     cloud = o3d.io.read_point_cloud(str(path))
     coord = np.asarray(cloud.points, dtype=np.float32)
-    expected = point_file_count(path)
-    if expected is not None and len(coord) != expected:
+    if len(coord) != expected:
         raise UnreadableFileError(path, f"open3d read {len(coord)} of the {expected} points its header announces")
     scene: dict[str, np.ndarray] = {"coord": coord}
     if cloud.has_colors():
@@ -203,6 +197,23 @@ def ascii_non_finite_lines(path: Path) -> int:
     with path.open("rb") as handle:
         handle.seek(header[1])
         return sum(1 for line in handle if b"nan" in line.lower() or b"inf" in line.lower())
+
+
+def check_point_file(path: Path, non_finite_error: type = InvalidValueError) -> int:
+    """Refuse a .ply / .pcd that open3d would read wrongly without an error: cut short, without
+    a usable header, or with NaN / infinity spelled in ASCII text. Returns the announced count.
+
+    open3d only prints a warning for these and returns garbage points, so both point-file
+    readers (segmentation scenes and registration fragments) check the file first.
+    """
+    problem = point_file_problem(path)
+    if problem:
+        raise UnreadableFileError(path, problem)
+    count = point_file_count(path)
+    non_finite = ascii_non_finite_lines(path)
+    if non_finite:
+        raise non_finite_error(path, f"{non_finite} of {count} points have NaN or infinite values")
+    return count
 
 
 def read_labels(path: Path) -> np.ndarray:

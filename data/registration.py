@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from data.base import BaseDataModule, cache_root
 from data.correspondences import FeatureCache, FPFHParams, select_correspondences
 from data.errors import BadPointCloudError, DatasetNotFoundError, UnreadableFileError
-from data.point_cloud import ascii_non_finite_lines, point_file_count, point_file_problem
+from data.point_cloud import check_point_file
 from data.sampling import SampleKey, sample_key
 
 POINT_CLOUD_SUFFIXES = (".ply", ".pcd", ".npz", ".bin")
@@ -77,18 +77,13 @@ def read_point_cloud(path: Path) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix in (".ply", ".pcd"):
         # open3d reads a cut or unparsable file with only a printed warning: check the data first
-        problem = point_file_problem(path)
-        if problem:
-            raise UnreadableFileError(path, problem)
-        non_finite = ascii_non_finite_lines(path)
-        if non_finite:
-            raise BadPointCloudError(path, f"{non_finite} of {point_file_count(path)} points have NaN or infinite values")
+        expected = check_point_file(path, non_finite_error=BadPointCloudError)
         cloud = o3d.io.read_point_cloud(str(path), remove_nan_points=False, remove_infinite_points=False)
         points = np.asarray(cloud.points, dtype=np.float64)
         if len(points) == 0:
             raise BadPointCloudError(path, f"holds no points (an empty cloud, or not a readable {suffix[1:].upper()} file)")
-        if len(points) != point_file_count(path):
-            raise UnreadableFileError(path, f"open3d read {len(points)} of the {point_file_count(path)} points its header announces")
+        if len(points) != expected:
+            raise UnreadableFileError(path, f"open3d read {len(points)} of the {expected} points its header announces")
     elif suffix == ".npz":
         try:
             with np.load(path) as stored:
