@@ -7,7 +7,9 @@ For each (batch, channels, length, state) shape, every method gets the same floa
 (delta in (0, 0.1], A in [-2, 0), random u, B, C, D) and is timed forward alone and forward +
 backward (gradients to u, delta, A, B, C, D), in one process, the methods interleaved run by run;
 the table gives the median wall time and how many times faster the chunked scan is. The error
-column is the largest |output - sequential| relative to max |sequential|.
+column is the largest |output - sequential| relative to max |sequential|. The memory column is
+the training memory of one call: a fresh child process per (shape, method) runs one forward +
+backward and reports its peak resident set less the resident set with the inputs already made.
 
 * sequential: ``selective_scan_sequential``, the reference loop over time (autograd backward).
 * mambapy: mambapy's ``MambaBlock.selective_scan`` (Blelloch parallel scan ``pscan`` with its own
@@ -18,7 +20,9 @@ column is the largest |output - sequential| relative to max |sequential|.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,23 +94,55 @@ def timed(run, inputs, backward: bool) -> float:
     return time.perf_counter() - start
 
 
+def memory_kib(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process, in KiB.
+
+    Not ``ru_maxrss``: Linux carries that across ``exec``, so a child would report its parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def memory_child(name: str, shape: tuple[int, ...], threads: int) -> None:
+    """In a fresh process: print the peak memory (MiB) one forward + backward of ``name`` adds."""
+    torch.set_num_threads(threads)
+    prepare, run, _ = methods()[name]
+    inputs = {k: v.detach().requires_grad_() for k, v in prepare(make_inputs(*shape)).items()}
+    before = memory_kib("VmRSS")
+    run(inputs).sum().backward()
+    print(json.dumps({"peak_mib": (memory_kib("VmHWM") - before) / 1024}))
+
+
+def peak_memory_mib(name: str, shape: tuple[int, ...], threads: int) -> float:
+    shape_arg = ",".join(map(str, shape))
+    command = [sys.executable, __file__, "--memory-child", name, "--shapes", shape_arg, "--threads", str(threads)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES),
                         help="batch,channels,length,state;...")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    if args.memory_child:
+        memory_child(args.memory_child, shapes[0], args.threads)
+        return
     found = methods()
     if "mambapy" not in found:
         print("mambapy is not installed (pip install mambapy==1.2.0): its rows are left out\n")
     print(f"command: python benchmarks/selective_scan_speed.py --threads {args.threads} --runs {args.runs}")
     print(f"torch {torch.__version__}, {args.threads} CPU threads, float32, median of {args.runs} runs\n")
     print("| shape (B, D, L, N) | method | rel. error | forward (s) | fwd + bwd (s) "
-          "| chunked is faster by (fwd + bwd) |")
-    print("|---|---|---|---|---|---|")
+          "| chunked is faster by (fwd + bwd) | fwd + bwd peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|")
     for shape in shapes:
         base = make_inputs(*shape)
         prepared = {name: prepare(base) for name, (prepare, _, _) in found.items()}
@@ -124,8 +160,9 @@ def main() -> None:
         medians = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
         for name in found:
             ratio = medians[name]["bwd"] / medians["chunked"]["bwd"]
+            memory = peak_memory_mib(name, shape, args.threads)
             print(f"| {shape} | {name} | {errors[name]:.1e} | {medians[name]['fwd']:.3f} | "
-                  f"{medians[name]['bwd']:.3f} | {ratio:.1f}x |", flush=True)
+                  f"{medians[name]['bwd']:.3f} | {ratio:.1f}x | {memory:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,21 +21,25 @@ Implementations behind the one function ``selective_scan``:
   has delta = 0, so decay 1 and no input, and carries the state unchanged).
 
   1. Local pass: step through the ``chunk`` positions, every chunk at once, from a zero state;
-     this gives each chunk's end state as if it had started from zero.
-  2. Carry: a chunk's total decay is ``exp(A * sum of its deltas)``; a log-depth doubling scan
-     over the chunks combines (decay, local end state) pairs into the true state entering each.
+     this gives each chunk's end state as if it had started from zero. The decays
+     ``exp(delta_t * A)`` are computed on the way, once, into a buffer that serves every later pass.
+  2. Carry: a chunk's total decay is ``exp(A * sum of its deltas)``; a loop over the ``n_chunks``
+     chunks (tiny steps) combines (decay, local end state) pairs into the true state entering each.
   3. Output pass: step through the positions again from the true entering states, contracting
-     each state with ``C_t`` as soon as it exists, so the states themselves are never stored
-     (the decays ``exp(delta_t * A)`` are, once, to serve both passes).
+     each state with ``C_t`` as soon as it exists. When a gradient is needed the states are written
+     out for the backward; otherwise only the current one is kept.
 
-  That is ``2 * chunk + log2(n_chunks)`` vectorised steps and O(length) work. Only products of
-  decays are ever formed, each in (0, 1] when ``A <= 0`` and ``delta >= 0``; nothing divides by
-  a cumulative product or takes differences of cumulative log-decays, so strong decay over long
-  sequences neither overflows nor underflows into NaN. The backward is written by hand: the
-  adjoint ``g_t = dL/dh_t`` obeys the reverse-time recurrence ``g_t = C_t dy_t + a_{t+1} g_{t+1}``
-  (``a_t = exp(delta_t * A)``), run with the same chunking backwards in time; it recomputes the
-  states from the saved chunk-entry states, so training keeps O(batch * channels * length)
-  activations per call, not O(... * state).
+  That is ``2 * chunk`` vectorised steps of the state size and ``n_chunks`` small ones, O(length)
+  work. Only products of decays are ever formed, each in (0, 1] when ``A <= 0`` and
+  ``delta >= 0``; nothing divides by a cumulative product or takes differences of cumulative
+  log-decays, so strong decay over long sequences neither overflows nor underflows into NaN.
+  The backward is written by hand: the adjoint ``g_t = dL/dh_t`` obeys the reverse-time recurrence
+  ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` (``a_t = exp(delta_t * A)``), run with the same chunking
+  backwards in time (a local pass, a carry, a pass collecting the gradients), reading the saved
+  decays and states. Training therefore keeps two (batch, channels, length, state) buffers per call
+  until the backward (mambapy keeps at least three); in exchange the backward computes no exponential
+  and does not re-run the recurrence, which halves its time (mamba-ssm's CUDA kernel recomputes
+  instead; on CPU memory traffic, not arithmetic, is the cost).
 * **doubling** (used automatically while exporting with ``torch.onnx.export`` / ``torch.export``):
   the same two levels with both scans done by Hillis-Steele doubling, so the graph has a fixed
   size and a dynamic length: ``log2(EXPORT_CHUNK)`` doublings inside the chunks, then
@@ -287,9 +291,11 @@ def _doubling_scan(decay: torch.Tensor, x: torch.Tensor, dim: int, steps: int):
 class _Steps:
     """The chunked scan's inputs laid out step-major: ``x[t]`` is position ``t`` of every chunk.
 
-    Shapes (``G`` groups of ``H`` channels): ``dt`` and ``dtu`` (delta * u) are
-    (chunk, batch, n_chunks, G, H); ``B`` and ``C`` are (chunk, batch, n_chunks, G, 1, state),
-    rows ready for ``row @ matrix`` products; ``A`` is (G, H, state).
+    States are (state, H) matrices per (batch, chunk, group) of ``G`` groups of ``H`` channels, so
+    the channel axis is the long contiguous one: element-wise updates run along it and the sum
+    over the state is a vectorised reduction across rows. Shapes: ``dt`` and ``dtu`` (delta * u)
+    are (chunk, batch, n_chunks, G, 1, H); ``B`` and ``C`` are (chunk, batch, n_chunks, G, state, 1);
+    ``A`` is (G, state, H).
     """
 
     def __init__(self, u, delta, A, B, C):
@@ -298,28 +304,27 @@ class _Steps:
         self.chunk = chunk_size(self.length)
         self.n_chunks = math.ceil(self.length / self.chunk)
         self.per_group = (groups, channels // groups)
-        self.A = A.reshape(*self.per_group, state)
+        self.A = A.reshape(*self.per_group, state).mT.contiguous()
         self.dt = self.steps(delta)
         self.dtu = self.steps(delta * u)
-        self.B = _to_steps(B, self.chunk, self.n_chunks).unsqueeze(-2)
-        self.C = _to_steps(C, self.chunk, self.n_chunks).unsqueeze(-2)
+        self.B = _to_steps(B, self.chunk, self.n_chunks).unsqueeze(-1)
+        self.C = _to_steps(C, self.chunk, self.n_chunks).unsqueeze(-1)
 
     def steps(self, x):
-        """(batch, channels, length) -> (chunk, batch, n_chunks, G, H)."""
-        return _to_steps(x.unflatten(1, self.per_group), self.chunk, self.n_chunks)
+        """(batch, channels, length) -> (chunk, batch, n_chunks, G, 1, H)."""
+        return _to_steps(x.unflatten(1, self.per_group), self.chunk, self.n_chunks).unsqueeze(-2)
 
     def unsteps(self, x):
-        """(chunk, batch, n_chunks, G, H, ...) -> (batch, channels, length, ...)."""
-        return _from_steps(x, self.length).flatten(1, 2)
-
-    def decays(self):
-        """exp(delta_t * A) for every step: (chunk, batch, n_chunks, G, H, state), one buffer."""
-        decays = torch.mul(self.dt[..., None], self.A)
-        return decays.exp_()
+        """(chunk, batch, n_chunks, G, 1, H) -> (batch, channels, length)."""
+        return _from_steps(x.squeeze(-2), self.length).flatten(1, 2)
 
     def chunk_decay(self):
         """Each chunk's total decay exp(A * sum of its deltas), in (0, 1] for A <= 0 <= delta."""
-        return torch.exp(self.dt.sum(0)[..., None] * self.A)
+        return torch.exp(self.dt.sum(0) * self.A)
+
+    def to_channels(self, state):
+        """A (batch, G, state, H) state -> (batch, channels, state), mamba-ssm's layout."""
+        return state.mT.flatten(1, 2)
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -329,84 +334,85 @@ class _ChunkedScan(torch.autograd.Function):
     softplus applied; A (channels, state); B, C (batch, groups, state, length).
     Returns y = sum_n C h (batch, channels, length) and the last state (batch, channels, state).
 
-    Memory: the forward holds one (chunk, batch, n_chunks, G, H, state) buffer (the decays) and
-    saves only the small inputs and the chunk-entry states; the backward recomputes the decays and
-    the states (two buffers of that size, alive only during the backward). Each loop step works on
-    one step slice of every chunk, small enough to stay in cache. States are (H, state) matrices
-    per (batch, chunk, group); contractions over the state are written ``row @ matrix.mT``, the
-    fast vector-matrix product on CPU.
+    Memory and speed: the forward writes the decays ``exp(delta_t * A)`` of every step into one
+    (chunk, batch, n_chunks, G, state, H) buffer, and, when a gradient is needed, the states into a
+    second; both are kept for the backward, which then neither recomputes an exponential nor
+    re-runs the recurrence (mambapy keeps at least three such buffers, mamba-ssm's kernel none).
+    Each loop step works on one step slice of every chunk, small enough to stay in cache; the
+    carries across chunks are loops of ``n_chunks`` tiny steps.
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
         s = _Steps(u, delta, A, B, C)
-        decays = s.decays()
-        # 1. local pass from a zero state
-        h = torch.zeros_like(decays[0])
+        training = any(ctx.needs_input_grad)
+        # 1. local pass from a zero state, filling in the decays as it goes
+        decays = s.dt.new_empty(s.chunk, *s.dt.shape[1:-2], *s.A.shape[-2:])
+        h = decays.new_zeros(decays.shape[1:])
         for t in range(s.chunk):
-            h.mul_(decays[t]).addcmul_(s.dtu[t, ..., None], s.B[t])
-        # 2. carry across chunks: true state at the end of every chunk, then the one entering it
+            decay = torch.mul(s.dt[t], s.A, out=decays[t]).exp_()
+            h.mul_(decay).addcmul_(s.dtu[t], s.B[t])
+        # 2. carry across chunks: the true state entering every chunk, and the last one
         chunk_decay = s.chunk_decay()
-        ends, _ = _doubling_scan(chunk_decay, h, dim=1, steps=(s.n_chunks - 1).bit_length())
-        entering = _shift(ends, 1, dim=1, fill=0.0)
+        entering = torch.zeros_like(h)
+        for c in range(1, s.n_chunks):
+            torch.addcmul(h[:, c - 1], chunk_decay[:, c - 1], entering[:, c - 1], out=entering[:, c])
+        last = torch.addcmul(h[:, -1], chunk_decay[:, -1], entering[:, -1])
         # 3. output pass from the entering states, contracting with C_t at once
+        states = torch.empty_like(decays) if training else None
         h = entering.clone()
-        y = s.dt.new_empty(*s.dt.shape[:-1], 1, s.dt.shape[-1])  # (chunk, batch, n_chunks, G, 1, H)
+        y = torch.empty_like(s.dt)
         for t in range(s.chunk):
-            h.mul_(decays[t]).addcmul_(s.dtu[t, ..., None], s.B[t])
-            torch.matmul(s.C[t], h.mT, out=y[t])
-        ctx.save_for_backward(u, delta, A, B, C, entering, chunk_decay)
-        return s.unsteps(y.squeeze(-2)), ends[:, -1].flatten(1, 2)
+            h = torch.mul(decays[t], h, out=states[t]) if training else h.mul_(decays[t])
+            h.addcmul_(s.dtu[t], s.B[t])
+            torch.matmul(s.C[t].mT, h, out=y[t])
+        if training:
+            # the step tensors go through save_for_backward (so saved-tensor hooks see them); ctx
+            # keeps only the layout
+            ctx.save_for_backward(u, delta, decays, states, entering, chunk_decay, s.A, s.dt, s.dtu, s.B, s.C)
+            s.A = s.dt = s.dtu = s.B = s.C = None
+            ctx.steps = s
+        return s.unsteps(y), s.to_channels(last)
 
     @staticmethod
     def backward(ctx, dy, dlast):
-        u, delta, A, B, C, entering, chunk_decay = ctx.saved_tensors
-        s = _Steps(u, delta, A, B, C)
+        u, delta, decays, states, entering, chunk_decay, *step_tensors = ctx.saved_tensors
+        s = ctx.steps
+        s.A, s.dt, s.dtu, s.B, s.C = step_tensors
         dy_s = s.steps(dy)
-        decays = s.decays()
-
-        # states of every step (the second full-size buffer), and, from the same pass, what each
-        # chunk's adjoints pass to the chunk before when started from zero at the chunk's end:
-        # flow_c = a_0 g_0 = sum_t (a_0 ... a_t) C_t dy_t
-        hs = torch.empty_like(decays)
+        # 1. what each chunk's adjoints pass to the chunk before when started from zero at its end:
+        #    flow_c = a_0 g_0 with g_t = C_t dy_t + a_{t+1} g_{t+1}
         flow = torch.zeros_like(entering)
-        h = entering
-        for t in range(s.chunk):
-            torch.mul(decays[t], h, out=hs[t])
-            hs[t].addcmul_(s.dtu[t, ..., None], s.B[t])
-            h = hs[t]
-            prefix = decays[0].clone() if t == 0 else prefix.mul_(decays[t])
-            flow.addcmul_(prefix * dy_s[t, ..., None], s.C[t])
-        # carry backwards across chunks; the last state's gradient enters after the last step
-        seed = dlast.unflatten(1, s.per_group)
-        flow[:, -1] += chunk_decay[:, -1] * seed
-        flow, _ = _doubling_scan(chunk_decay.flip(1), flow.flip(1), dim=1, steps=(s.n_chunks - 1).bit_length())
-        g = torch.cat([flow.flip(1)[:, 1:], seed[:, None]], dim=1)  # a_0 g_0 of the chunk after
-
-        # reverse pass from the true adjoints g_t = C_t dy_t + a_{t+1} g_{t+1}, gradients per step
+        for t in reversed(range(s.chunk)):
+            flow.addcmul_(dy_s[t], s.C[t]).mul_(decays[t])
+        # 2. carry backwards: the true adjoint at every chunk's end; the last state's gradient seeds it
+        g = torch.empty_like(entering)
+        g[:, -1] = dlast.unflatten(1, s.per_group).mT
+        for c in reversed(range(s.n_chunks - 1)):
+            torch.addcmul(flow[:, c + 1], chunk_decay[:, c + 1], g[:, c + 1], out=g[:, c])
+        # 3. reverse pass from the true adjoints, the gradients of every step on the way
         grad_A = torch.zeros_like(g)
-        d_dt = torch.empty_like(s.dt)  # sum_n A a_t h_{t-1} g_t
-        gB = torch.empty_like(s.dt).unsqueeze(-2)  # sum_n B_t g_t
+        grad_dt = torch.empty_like(s.dt)  # sum_n A a_t h_{t-1} g_t
+        grad_dtu = torch.empty_like(s.dt)  # sum_n B_t g_t
         grad_B = torch.empty_like(s.B)
         grad_C = torch.empty_like(s.C)
         q = torch.empty_like(g)
         for t in reversed(range(s.chunk)):
-            g.addcmul_(dy_s[t, ..., None], s.C[t])
-            torch.matmul(dy_s[t].unsqueeze(-2), hs[t], out=grad_C[t])
-            torch.matmul(s.dtu[t].unsqueeze(-2), g, out=grad_B[t])
-            torch.matmul(s.B[t], g.mT, out=gB[t])
-            torch.mul(decays[t], hs[t - 1] if t > 0 else entering, out=q)
-            q.mul_(g)  # a_t h_{t-1} g_t
-            grad_A.addcmul_(s.dt[t, ..., None], q)
-            torch.sum(q.mul_(s.A), dim=-1, out=d_dt[t])
-            g.mul_(decays[t])
+            g.addcmul_(dy_s[t], s.C[t])
+            torch.matmul(states[t], dy_s[t].mT, out=grad_C[t])
+            torch.matmul(g, s.dtu[t].mT, out=grad_B[t])
+            torch.matmul(s.B[t].mT, g, out=grad_dtu[t])
+            g.mul_(decays[t])  # a_t g_t, what reaches step t - 1
+            torch.mul(states[t - 1] if t > 0 else entering, g, out=q)  # a_t h_{t-1} g_t
+            grad_A.addcmul_(s.dt[t], q)
+            torch.sum(q.mul_(s.A), dim=-2, keepdim=True, out=grad_dt[t])
 
-        gB = s.unsteps(gB.squeeze(-2))
-        grad_u = delta * gB
-        grad_delta = torch.addcmul(s.unsteps(d_dt), u, gB)
-        grad_A = grad_A.sum((0, 1)).flatten(0, 1)
-        grad_B = _from_steps(grad_B.squeeze(-2), s.length)  # (batch, G, state, length)
-        grad_C = _from_steps(grad_C.squeeze(-2), s.length)
+        grad_dtu = s.unsteps(grad_dtu)
+        grad_u = delta * grad_dtu
+        grad_delta = torch.addcmul(s.unsteps(grad_dt), u, grad_dtu)
+        grad_A = grad_A.sum((0, 1)).mT.flatten(0, 1)
+        grad_B = _from_steps(grad_B.squeeze(-1), s.length)  # (batch, G, state, length)
+        grad_C = _from_steps(grad_C.squeeze(-1), s.length)
         return grad_u, grad_delta, grad_A, grad_B, grad_C
 
 
