@@ -11,7 +11,7 @@ attend on these voxels with the first ConDaFormer encoder stage's sizes on S3DIS
 (8, 8, 8) window, all six heads, i.e. the same range on every axis.
 
 Each (method, N) runs in its own child process, so its peak memory is its own: the table gives
-the peak resident set (``ru_maxrss``) after the timed forwards less the resident set once the
+the peak resident set (``VmHWM``) after the timed forwards less the resident set once the
 inputs are built (window partition and attention, ``no_grad``, float32), the median wall time and
 the median CPU time of the process (``time.process_time``, which a busy machine distorts least),
 and the largest padded window. Memory per voxel shows whether memory grows linearly.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -56,12 +55,15 @@ def scanned_voxels(count: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(rooms)[:count])
 
 
-def current_rss_kib() -> int:
-    """Resident set size now (the peak so far, ``ru_maxrss``, may be an import's)."""
+def memory_kib(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process, in KiB.
+
+    Not ``ru_maxrss``: Linux carries that across ``exec``, so a worker would report its parent's peak.
+    """
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
 def worker(kind: str, scene: Path, size: int, runs: int, threads: int) -> dict:
@@ -72,7 +74,7 @@ def worker(kind: str, scene: Path, size: int, runs: int, threads: int) -> dict:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(len(grid), HEADS, HEAD_DIM, generator=g) for _ in range(3))
     layer = PlaneWindowAttention(HEADS, HEAD_DIM, WINDOW, QUANT, kind=kind).eval()
-    before = current_rss_kib()
+    before = memory_kib("VmRSS")
     walls, cpus = [], []
     with torch.no_grad():
         for _ in range(runs):
@@ -81,7 +83,7 @@ def worker(kind: str, scene: Path, size: int, runs: int, threads: int) -> dict:
             layer(q * HEAD_DIM**-0.5, k, v, positions, tables)
             walls.append(time.perf_counter() - wall)
             cpus.append(time.process_time() - cpu)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB on Linux
+    peak = memory_kib("VmHWM") - before
     return {
         "kind": kind, "voxels": size, "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
         "peak_mib": peak / 1024, "longest_window": max(t.shape[1] for t in tables),

@@ -13,8 +13,8 @@ concatenated head-wise. A planar window holds at most ``w**2`` voxels instead of
 How it is vectorised (no loop over windows or voxels): a *token* is one (voxel, head group)
 pair, token ``t = voxel * G + g`` with ``G = 3`` planes (``G = 1`` for the cubic baseline).
 Tokens are hashed by (cloud, group, window coordinates), sorted by window and laid out in padded
-``(windows, length)`` index tables, one table per *bucket* of windows whose occupancy rounds up
-to the same power of two (a handful of buckets). Attention is dense inside each bucket with the
+``(windows, length)`` index tables, one table per *bucket* of windows of one head group whose
+occupancy rounds up to the same power of two (a handful of buckets). Attention is dense inside each bucket with the
 padding masked, so memory is about twice ``sum over windows of n_w**2``: linear in the number of
 voxels, since a window's occupancy is bounded. For ONNX export the partition is one bucket padded
 to the largest window, so the graph has a fixed structure.
@@ -27,13 +27,17 @@ of shape ``(2L - 1, 3 axes, heads per group, head_dim)`` are shared by the three
     logit_ij = q_i . k_j + sum_axes (q_i . T_q[r_ij] + k_j . T_k[r_ij])
     out_i    = sum_j softmax_j(logit_ij) (v_j + sum_axes T_v[r_ij])
 
-with ``q`` already scaled by ``head_dim ** -0.5``. Windows use the integer stage grid (the
+with ``q`` already scaled by ``head_dim ** -0.5``. The position terms are evaluated as one
+product of every token with the table rows its window can reach, then a gather per pair: a
+plane window one voxel thick reaches ``2 / quant_size - 1`` rows across instead of ``2L - 1``,
+which is where the disassembled windows save most of their time on CPU. Windows use the integer stage grid (the
 official code floors continuous cluster centres, which is the same partition for even ``w``);
 shifted windows move by ``w / 2`` on every axis.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -70,8 +74,9 @@ def partition_windows(
         batch: (M,) cloud index.
         shapes: window shape per head group, e.g. ``window_shapes("plane", 8)``.
         shift: shift the windows by half their size on every axis (odd blocks).
-        bucketed: pad each window to the next power of two of its occupancy (few, tight buckets);
-            otherwise one table padded to the fullest window (what the ONNX graph takes).
+        bucketed: pad each window to the next power of two of its occupancy (few, tight buckets,
+            each of one head group); otherwise one table padded to the fullest window (what the
+            ONNX graph takes).
         min_length: smallest padded length of a bucket.
 
     Returns:
@@ -93,9 +98,14 @@ def partition_windows(
 
     if bucketed:
         lengths = torch.pow(2, torch.ceil(torch.log2(counts.double()))).long().clamp_min(min_length)
+        # one group per bucket, so that a bucket's position terms need only its planes' table rows
+        group_of_window = torch.empty_like(counts)
+        group_of_window[window_of_token] = torch.arange(len(keys), device=device) % groups
+        bucket_keys = lengths * groups + group_of_window
     else:
-        lengths = torch.full_like(counts, int(counts.max()))
-    bucket_lengths, bucket_of_window = torch.unique(lengths, return_inverse=True)
+        bucket_keys = torch.full_like(counts, int(counts.max()))
+    bucket_keys, bucket_of_window = torch.unique(bucket_keys, return_inverse=True)
+    bucket_lengths = bucket_keys // groups if bucketed else bucket_keys
     # row of each window inside its bucket (windows keep their sorted order)
     by_bucket = torch.argsort(bucket_of_window, stable=True)
     windows_per_bucket = torch.bincount(bucket_of_window, minlength=len(bucket_lengths))
@@ -161,6 +171,8 @@ def window_attention(
     q_table: torch.Tensor,
     k_table: torch.Tensor,
     v_table: torch.Tensor,
+    shapes: Sequence[Sequence[int]] | None = None,
+    quant_size: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention inside every window, with contextual relative position encoding.
 
@@ -169,58 +181,109 @@ def window_attention(
         tables: ``partition_windows`` output for these tokens.
         quantised: (T, 3) ``quantised_window_positions``.
         q_table, k_table, v_table: (2L - 1, 3, h, d).
+        shapes, quant_size: the window shape per head group and the position quantisation. When
+            given, a bucket of one group uses only the table rows its window can reach: a plane
+            window one voxel thick reaches 2 / quant_size - 1 offsets across, not 2L - 1.
 
     Returns:
         (T, h, d) attention output per token, in float32.
     """
-    num_tokens = q.shape[0]
+    num_tokens, heads = q.shape[:2]
     span = q_table.shape[0]  # 2L - 1 relative offsets per axis
-    q_pad, k_pad, v_pad = (_pad_row(x.float()) for x in (q, k, v))
+    # head-major tokens, (h, T + 1, d), the last row zeros for padding: a window's rows are then
+    # one gather, and every product below is a batched matrix product over the heads
+    q_pad, k_pad, v_pad = (_pad_row(x.float()).transpose(0, 1).contiguous() for x in (q, k, v))
     # the three axes' tables side by side, (h, d, 3 (2L - 1)): one product gives every axis and
     # offset term of a token; relative index r on axis a is column a (2L - 1) + r
-    rpe = tuple(t.float().permute(2, 3, 1, 0).reshape(t.shape[2], t.shape[3], -1) for t in (q_table, k_table, v_table))
+    q_rpe, k_rpe, v_rpe = (t.float().permute(2, 3, 1, 0).reshape(heads, t.shape[3], -1) for t in (q_table, k_table, v_table))
+    v_rpe = v_rpe.transpose(1, 2)  # (h, 3 (2L - 1), d)
     padded = (q_pad, k_pad, v_pad, _pad_row(quantised))
-    heads = q.shape[1]
+    all_rows = torch.arange(3 * span, device=q.device)
+    full = ((q_rpe, k_rpe, v_rpe), torch.arange(3, device=q.device) * span + (span - 1) // 2)
+    reach = [_reachable_rows(shape, quant_size, span, q.device) for shape in shapes] if shapes and quant_size else None
     outputs = []
     for table in tables:
         if _tracing():  # one piece, so that the exported graph keeps the number of windows symbolic
-            outputs.append(_attend_windows(table, num_tokens, padded, rpe))
+            outputs.append(_attend_windows(table, num_tokens, padded, *full))
             continue
+        rpe, axis_offset = full
+        group = _single_group(table, len(reach)) if reach is not None else None
+        if group is not None:  # a bucket (partition_windows bucketed) holds windows of one group
+            rows, axis_offset = reach[group]
+            if len(rows) < len(all_rows):
+                rpe = (q_rpe[:, :, rows], k_rpe[:, :, rows], v_rpe[:, rows])
         windows, length = table.shape
-        # the largest temporaries are (windows, heads, length, 3 length) and (..., 3 (2L - 1))
-        step = max(1, CHUNK_ELEMENTS // (heads * length * 3 * max(length, span)))
+        # the largest temporaries are (heads, windows, length, 3 length) and (..., table rows)
+        step = max(1, CHUNK_ELEMENTS // (heads * length * max(3 * length, rpe[0].shape[-1])))
         for start in range(0, windows, step):
-            outputs.append(_attend_windows(table[start : start + step], num_tokens, padded, rpe))
+            outputs.append(_attend_windows(table[start : start + step], num_tokens, padded, rpe, axis_offset))
     return torch.cat(outputs)[token_positions(tables, num_tokens)]
 
 
-def _attend_windows(table: torch.Tensor, num_tokens: int, padded: tuple, rpe: tuple) -> torch.Tensor:
-    """Attention inside the windows of one (W, L) table; returns (W * L, h, d) in table order."""
+def _single_group(table: torch.Tensor, groups: int) -> int | None:
+    """The head group of every token in ``table``, or None when it mixes groups (or is empty)."""
+    tokens = table[table >= 0]
+    if not len(tokens):
+        return None
+    group = tokens % groups
+    return int(group[0]) if bool((group == group[0]).all()) else None
+
+
+def _reachable_rows(shape: Sequence[int], quant_size: float, span: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table columns a window of ``shape`` can reach, and where each axis's offset 0 lands.
+
+    A side of ``s`` stage voxels holds ``n = ceil(s / quant_size)`` quantised positions, so
+    relative offsets run over ``-(n - 1) .. n - 1``: rows ``L - n .. L + n - 2`` of axis a's
+    ``2L - 1``. Returns the kept columns of the side-by-side tables and, per axis, the column of
+    offset 0 in the kept set.
+    """
+    centre = (span - 1) // 2
+    rows, zero, kept = [], [], 0
+    for axis, side in enumerate(shape):
+        n = min(math.ceil(side / quant_size - 1e-6), centre + 1)
+        rows.append(axis * span + torch.arange(centre - (n - 1), centre + n, device=device))
+        zero.append(kept + n - 1)
+        kept += 2 * n - 1
+    return torch.cat(rows), torch.tensor(zero, device=device)
+
+
+def _attend_windows(table: torch.Tensor, num_tokens: int, padded: tuple, rpe: tuple, axis_offset: torch.Tensor) -> torch.Tensor:
+    """Attention inside the windows of one (W, L) table; returns (W * L, h, d) in table order.
+
+    ``rpe`` are the side-by-side tables (h, d, R), (h, d, R), (h, R, d) and ``axis_offset`` (3,) the
+    column of relative offset 0 of each axis among their R columns. Layout: heads first,
+    (h, W, L, ...), so that the position-table products are one batched matrix product per head
+    over all the window's tokens, and relative offsets are laid out axis-major, (..., 3, L), so
+    that the sum over the three axes runs along contiguous rows.
+    """
     q_pad, k_pad, v_pad, quant_pad = padded
     q_rpe, k_rpe, v_rpe = rpe
-    span = q_rpe.shape[-1] // 3
-    centre = (span - 1) // 2  # L - 1
-    axis_base = torch.arange(3, device=table.device) * span + centre
+    heads, dim = q_pad.shape[0], q_pad.shape[2]
+    columns = q_rpe.shape[-1]
     index = torch.where(table < 0, torch.full_like(table, num_tokens), table)  # (W, L)
     windows, length = table.shape
-    qw, kw, vw = (x[index].permute(0, 2, 1, 3) for x in (q_pad, k_pad, v_pad))  # (W, h, L, d)
-    heads = qw.shape[1]
-    pos = quant_pad[index]  # (W, L, 3)
-    # (W, 1, L, 3 L): for query i, key j, axis a: u_i - u_j + column offset of axis a
-    rel = (pos[:, :, None, :] - pos[:, None, :, :] + axis_base).reshape(windows, 1, length, 3 * length)
-    rel = rel.expand(windows, heads, length, 3 * length)
-    rel_t = (pos[:, None, :, :] - pos[:, :, None, :] + axis_base)  # indexed [j, i]: u_i - u_j, keyed by j
-    rel_t = rel_t.reshape(windows, 1, length, 3 * length).expand(windows, heads, length, 3 * length)
-    query_term = torch.gather(qw @ q_rpe, -1, rel).view(windows, heads, length, length, 3).sum(-1)
-    key_term = torch.gather(kw @ k_rpe, -1, rel_t).view(windows, heads, length, length, 3).sum(-1)
-    logits = qw @ kw.transpose(-1, -2) + query_term + key_term.transpose(-1, -2)  # (W, h, L, L)
-    padding = (table < 0)[:, None, None, :]
-    attention = torch.softmax(logits.masked_fill(padding, float("-inf")), dim=-1)
-    # value term: attention weights binned by relative offset, then one product with T_v
-    spread = attention.unsqueeze(-1).expand(windows, heads, length, length, 3).reshape(windows, heads, length, 3 * length)
-    bins = q_pad.new_zeros(windows, heads, length, 3 * span).scatter_add(-1, rel, spread)
-    out = attention @ vw + bins @ v_rpe.transpose(-1, -2)
-    return out.permute(0, 2, 1, 3).reshape(windows * length, heads, -1)
+    qw, kw, vw = (x[:, index] for x in (q_pad, k_pad, v_pad))  # (h, W, L, d)
+    pos = quant_pad[index].transpose(1, 2)  # (W, 3, L)
+    shifted = pos + axis_offset[:, None]
+    # rel[w, i, a, j]: the column of u_ia - u_ja (key j seen from query i, axis a); rel_t[w, j, a, i]
+    # the column of the same offset looked up from key j (the key term's projection)
+    rel = (shifted.transpose(1, 2)[:, :, :, None] - pos[:, None, :, :]).reshape(1, windows, length, 3 * length)
+    rel_t = (shifted[:, None, :, :] - pos.transpose(1, 2)[:, :, :, None]).reshape(1, windows, length, 3 * length)
+    rel, rel_t = rel.expand(heads, -1, -1, -1), rel_t.expand(heads, -1, -1, -1)
+
+    def position_term(x, table_rpe, lookup):
+        projected = torch.bmm(x.reshape(heads, windows * length, dim), table_rpe)  # (h, W L, R)
+        picked = torch.gather(projected.view(heads, windows, length, columns), -1, lookup)
+        return picked.view(heads, windows, length, 3, length).sum(-2)  # (h, W, L, L)
+
+    logits = qw @ kw.transpose(-1, -2) + position_term(qw, q_rpe, rel) + position_term(kw, k_rpe, rel_t).transpose(-1, -2)
+    padding = (table < 0)[None, :, None, :]
+    attention = torch.softmax(logits.masked_fill(padding, float("-inf")), dim=-1)  # (h, W, L, L)
+    # value term: attention weights binned by relative offset per axis, then one product with T_v
+    spread = attention.unsqueeze(-2).expand(-1, -1, -1, 3, -1).reshape(heads, windows, length, 3 * length)
+    bins = attention.new_zeros(heads, windows, length, columns).scatter_add_(-1, rel, spread)
+    out = attention @ vw + torch.bmm(bins.view(heads, windows * length, columns), v_rpe).view(heads, windows, length, dim)
+    return out.permute(1, 2, 0, 3).reshape(windows * length, heads, dim)
 
 
 class PlaneWindowAttention(nn.Module):
@@ -270,7 +333,7 @@ class PlaneWindowAttention(nn.Module):
         per_group = self.num_heads // groups
         tokens = [x.reshape(m * groups, per_group, self.head_dim) for x in (q, k, v)]
         quantised = quantised_window_positions(positions.float(), self.shapes, self.shift, self.quant_size)
-        arguments = (*tokens, tables, quantised, self.q_table, self.k_table, self.v_table)
+        arguments = (*tokens, tables, quantised, self.q_table, self.k_table, self.v_table, self.shapes, self.quant_size)
         if torch.is_autocast_enabled(q.device.type):
             # the attention arithmetic stays in float32 under mixed precision, as in the official kernels
             with torch.autocast(q.device.type, enabled=False):

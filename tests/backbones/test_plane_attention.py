@@ -95,9 +95,11 @@ def test_plane_windows_hold_fewer_voxels_than_the_cube_they_disassemble():
     r = torch.arange(8)
     grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
     batch = torch.zeros(len(grid), dtype=torch.long)
-    (plane,) = partition_windows(grid, batch, window_shapes("plane", 8), shift=False)
+    planes = partition_windows(grid, batch, window_shapes("plane", 8), shift=False)
     (cube,) = partition_windows(grid, batch, window_shapes("cubic", 8), shift=False)
-    assert plane.shape == (24, 64) and cube.shape == (1, 512)
+    # one bucket per plane orientation (head group), 8 windows of 64 voxels each
+    assert [table.shape for table in planes] == [(8, 64)] * 3 and cube.shape == (1, 512)
+    assert [sorted({int(t) % 3 for t in table.flatten()}) for table in planes] == [[0], [1], [2]]
 
 
 def test_heads_must_split_into_three_planes():
