@@ -411,6 +411,15 @@ class PointCloudDataset(Dataset):
     def __len__(self) -> int:
         return len(self.scenes) * self.loop
 
+    def class_counts(self) -> torch.Tensor:
+        """Labelled points per class over the scenes (each read and checked once), (num_classes,)."""
+        counts = torch.zeros(self.num_classes, dtype=torch.long)
+        for source in self.scenes:
+            segment = check_scene(source.load(), self.features, self.num_classes).get("segment")
+            if segment is not None:
+                counts += torch.bincount(segment[segment != IGNORE_INDEX], minlength=self.num_classes)
+        return counts
+
     def __getitem__(self, key: SampleKey) -> dict:
         # training keys are (index, augmentation seed) pairs from the resumable sampler; every
         # random choice for this sample is drawn from that seed, so a resumed fit replays it.

@@ -8,7 +8,10 @@ configs (github.com/LHDuan/ConDaFormer, ``configs/s3dis/condaformer.py``).
    coordinates (shifted to start at 0 in each cloud) followed by the dataset's features (colour
    [, normals]), then the official head: Linear, BN, ReLU, Linear. ``attention="cubic"`` gives
    the same network with cubic windows, the leaderboard's baseline.
-2. Loss: cross-entropy with an ignore label. The paper and its configs use no Lovasz term.
+2. Loss: cross-entropy with an ignore label. The paper and its configs use no Lovasz term and
+   no class weights; ``class_weights`` can weight the classes (a list, or
+   ``inverse_sqrt_frequency`` from the training split's point counts) for data where a few
+   classes cover most points.
 3. Optimisation: AdamW; parameters of the ConDaFormer blocks train at ``block_lr_scale`` (0.1)
    times the learning rate; multi-step decay at 60 % and 80 % of training (``lr_milestones``)
    after an optional warm-up, as the official configs do.
@@ -137,6 +140,24 @@ def voxel_graph(segmenter: PointSegmenter, index_names: list[str]) -> VoxelSegme
 # -- the task ----------------------------------------------------------------------------------
 
 
+CLASS_WEIGHTINGS = ("inverse_sqrt_frequency",)
+
+
+def inverse_sqrt_frequency(counts: torch.Tensor) -> torch.Tensor:
+    """Class weights 1 / sqrt(share of points), averaging 1 over the classes present (absent: 0).
+
+    The square root keeps a class a thousand times rarer than the floor at ~30x its weight, not
+    1000x, which would make the loss a lottery over a handful of points.
+    """
+    counts = counts.double()
+    present = counts > 0
+    if not present.any():
+        raise ValueError("class_weights='inverse_sqrt_frequency': the training split has no labelled points")
+    weights = torch.zeros_like(counts)
+    weights[present] = (counts[present] / counts.sum()).rsqrt()
+    return (weights / weights[present].mean()).float()
+
+
 class PointSegmentation(BaseTask):
     """ConDaFormer semantic segmentation of point clouds (or the cubic-window baseline).
 
@@ -159,6 +180,10 @@ class PointSegmentation(BaseTask):
         normal_feature_index: first column of normals in ``feat`` (rotated with the points in test).
         method_name: leaderboard name (default: ConDaFormer, or "cubic-window Transformer").
         label_smoothing: of the cross-entropy (0 in the paper).
+        class_weights: cross-entropy weight per class: None (the paper), a list of
+            ``num_classes`` numbers, or ``"inverse_sqrt_frequency"``: 1 / sqrt(share of the
+            training points), scaled to average 1 over the classes present, counted once when
+            fitting starts.
     """
 
     monitor = "val_miou"
@@ -192,10 +217,17 @@ class PointSegmentation(BaseTask):
         normal_feature_index: Optional[int] = None,
         method_name: Optional[str] = None,
         label_smoothing: float = 0.0,
+        class_weights: Optional[list[float] | str] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.num_classes = num_classes
+        if isinstance(class_weights, str) and class_weights not in CLASS_WEIGHTINGS:
+            raise ValueError(f"class_weights must be a list of {num_classes} numbers or one of {CLASS_WEIGHTINGS}, got {class_weights!r}")
+        if isinstance(class_weights, (list, tuple)) and (len(class_weights) != num_classes or min(class_weights) < 0):
+            raise ValueError(f"class_weights must hold {num_classes} non-negative numbers, got {list(class_weights)}")
+        # cross-entropy weights (None: unweighted); a string is resolved from the data in setup()
+        self.register_buffer("class_weight", torch.tensor(class_weights, dtype=torch.float32) if isinstance(class_weights, (list, tuple)) else None, persistent=False)
         if class_names is None:
             class_names = {13: S3DIS_NAMES, 20: SCANNET_NAMES}.get(num_classes, [f"class_{k}" for k in range(num_classes)])
         if len(class_names) != num_classes:
@@ -239,12 +271,18 @@ class PointSegmentation(BaseTask):
         return MetricCollection(metrics)
 
     # -- training ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.class_weights == "inverse_sqrt_frequency":
+            counts = self.trainer.datamodule.datasets["train"].class_counts()
+            self.class_weight = inverse_sqrt_frequency(counts).to(self.device)
+
     def forward(self, coord: torch.Tensor, feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         return self.segmenter(coord, feat, offset)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.segmenter(batch["coord"], batch["feat"], batch["offset"])
-        loss = F.cross_entropy(logits.float(), batch["segment"], ignore_index=self.hparams.ignore_index, label_smoothing=self.hparams.label_smoothing)
+        hp = self.hparams
+        loss = F.cross_entropy(logits.float(), batch["segment"], weight=self.class_weight, ignore_index=hp.ignore_index, label_smoothing=hp.label_smoothing)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["offset"]))
         return loss
 

@@ -122,3 +122,43 @@ def test_pictures_are_drawn_inside_a_bfloat16_autocast_step():
         prediction = task.predict_batch(batch)
         (panel,) = task.example_panels(batch, prediction)
     assert panel.dtype == torch.float32 and float(panel.std()) > 0.05
+
+
+def test_inverse_sqrt_frequency_weights_by_hand():
+    from tasks.point_segmentation import inverse_sqrt_frequency
+
+    # shares 0.64, 0.16, 0.0, 0.04, 0.16 -> 1/sqrt: 1.25, 2.5, -, 5, 2.5 (mean 2.8125 over present)
+    weights = inverse_sqrt_frequency(torch.tensor([64, 16, 0, 4, 16]))
+    torch.testing.assert_close(weights, torch.tensor([1.25, 2.5, 0.0, 5.0, 2.5]) / 2.8125)
+
+
+def test_class_weights_are_checked_and_weight_the_loss():
+    import pytest
+
+    with pytest.raises(ValueError, match="inverse_sqrt_frequency"):
+        tiny_task(class_weights="balanced")
+    with pytest.raises(ValueError, match="13 non-negative numbers"):
+        tiny_task(class_weights=[1.0, 2.0])
+    batch = room_batch(rays=800)
+    plain, weighted = tiny_task(), tiny_task(class_weights=[0.0] * 12 + [1.0])  # only clutter counts
+    for task in (plain, weighted):
+        task.log = lambda *args, **kwargs: None
+    logits = plain.segmenter(batch["coord"], batch["feat"], batch["offset"])
+    clutter = batch["segment"] == 12
+    expected = torch.nn.functional.cross_entropy(logits[clutter], batch["segment"][clutter])
+    torch.testing.assert_close(weighted.training_step(batch, 0), expected)
+    assert not torch.allclose(plain.training_step(batch, 0), expected)
+
+
+def test_class_counts_read_every_training_scene(tmp_path):
+    from data.point_cloud import NpyScene, PointCloudDataset
+    from data.point_transforms import Compose
+
+    for name, labels in (("a", [0, 0, 2, -1]), ("b", [2, 1, 1, 255])):
+        folder = tmp_path / name
+        folder.mkdir()
+        np.save(folder / "coord.npy", np.random.rand(4, 3).astype(np.float32))
+        np.save(folder / "color.npy", np.full((4, 3), 100, np.uint8))
+        np.save(folder / "segment.npy", np.array(labels))
+    dataset = PointCloudDataset([NpyScene(n, tmp_path / n) for n in "ab"], Compose([]), ("color",), num_classes=4)
+    assert dataset.class_counts().tolist() == [2, 2, 2, 0]  # -1 and 255 are ignored
