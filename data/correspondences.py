@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,6 +28,8 @@ from typing import Callable, Optional
 import numpy as np
 import open3d as o3d
 import torch
+
+from data.atomic_write import write_atomically
 
 #: bumped when the features (resp. the matching) would come out differently, so old entries are never reused
 FEATURE_VERSION = 1
@@ -150,15 +150,12 @@ def _file_identity(path: Path) -> dict:
 
 def save_npz_atomically(path: Path, **arrays: np.ndarray) -> None:
     """``np.savez`` to a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle, so numpy does not append its own .npz
             np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomically(path, write)
 
 
 class FeatureCache:

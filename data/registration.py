@@ -29,8 +29,6 @@ Batch keys (B pairs, K correspondences, clouds concatenated):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ import open3d as o3d
 import torch
 from torch.utils.data import Dataset
 
+from data.atomic_write import write_atomically
 from data.base import BaseDataModule, cache_root
 from data.correspondences import FeatureCache, FPFHParams, select_correspondences
 from data.errors import BadPointCloudError, DatasetNotFoundError, UnreadableFileError
@@ -276,21 +275,6 @@ def precompute_features(pairs: list[RegistrationPair], cache: FeatureCache) -> N
 def aligned_suffix(source: Path) -> str:
     """The aligned cloud keeps a ``.ply`` / ``.pcd`` source's format; other inputs become ``.ply``."""
     return ".pcd" if source.suffix.lower() == ".pcd" else ".ply"
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary sibling of ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the output from other users
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 # -- the datamodule -----------------------------------------------------------------------------

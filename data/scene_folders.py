@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -45,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from data.atomic_write import write_text_atomically
 from data.base import BaseDataModule, cache_root
 from data.errors import DatasetNotFoundError, EmptyDatasetError, LayoutError, SplitError
 from data.lol import IMAGE_SUFFIXES, list_images, read_rgb, to_tensor
@@ -119,10 +118,7 @@ def write_split_files(folder: Path, splits: dict[str, list[str]], header: str) -
     """``<split>.txt`` per split, each written to a temporary name and renamed (safe under DDP)."""
     folder.mkdir(parents=True, exist_ok=True)
     for split, files in splits.items():
-        fd, tmp = tempfile.mkstemp(prefix=f".{split}.", dir=folder)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"# {header}\n" + "".join(f"{f}\n" for f in files))
-        os.replace(tmp, folder / f"{split}.txt")
+        write_text_atomically(folder / f"{split}.txt", f"# {header}\n" + "".join(f"{f}\n" for f in files))
 
 
 def read_split_files(folder: Path, class_root: Path, classes: Sequence[str]) -> dict[str, list[str]]:

@@ -7,8 +7,6 @@ and spatial size) and also asserts that the named axes are symbolic in the saved
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from data.atomic_write import write_atomically
 from tasks.base import BaseTask
 
 
@@ -43,10 +42,11 @@ def export_onnx(task: BaseTask, output: str | Path, opset: int = 20) -> float:
             axis: dims.setdefault(label, torch.export.Dim(label, min=minimum[label]) if label in minimum else torch.export.Dim(label))
             for axis, label in axes.items()
         }
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx", prefix=f".{output.stem}.", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    max_diff = float("nan")
+
+    def write_checked(tmp: Path) -> None:
+        """Export to ``tmp`` and check it; an exception here leaves ``output`` untouched."""
+        nonlocal max_diff
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
@@ -65,9 +65,8 @@ def export_onnx(task: BaseTask, output: str | Path, opset: int = 20) -> float:
         max_diff = compare_with_onnxruntime(module, tmp, task.check_input(), list(task.input_names))
         if not max_diff <= task.export_atol:
             raise ExportError(f"{output}: onnxruntime differs from PyTorch by {max_diff:.3g} > {task.export_atol:g}")
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(output, write_checked)
     return max_diff
 
 

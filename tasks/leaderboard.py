@@ -13,10 +13,8 @@ import csv
 import io
 import itertools
 import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -25,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from data.atomic_write import write_text_atomically
 from data.base import BaseDataModule
 from tasks.base import BaseTask, batch_size_of, stack_panels
 from tasks.checkpoints import CheckpointError, find_best_checkpoint, load_checkpoint
@@ -157,19 +156,6 @@ def evaluate_run(spec: str | Path) -> list[dict[str, Any]]:
 # -- writing -------------------------------------------------------------------------------------
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sorted(rows: list[dict]) -> list[dict]:
     primary, higher = rows[0]["primary_metric"], rows[0]["higher_is_better"]
     return sorted(rows, key=lambda r: r["metrics"].get(primary, float("nan")), reverse=higher)
@@ -259,15 +245,15 @@ def write_leaderboard(rows: list[dict], output: str | Path) -> list[Path]:
         payload = {"task": task, "environment": environment(), "rows": plain_rows}
         for suffix, text in (("md", markdown), ("csv", to_csv(task_rows)), ("json", json.dumps(payload, indent=2))):
             path = output / f"{task}.{suffix}"
-            write_atomically(path, text)
+            write_text_atomically(path, text)
             written.append(path)
     env = environment()
     note = f"Latency on {env['cpu']} with {env['threads']} threads, torch {env['torch']}.\n"
     index = output / "leaderboard.md"
-    write_atomically(index, "# Leaderboard\n\n" + note + "\n" + "\n".join(sections))
+    write_text_atomically(index, "# Leaderboard\n\n" + note + "\n" + "\n".join(sections))
     written.append(index)
     report = output / "report.html"
-    write_atomically(report, to_html(rows))
+    write_text_atomically(report, to_html(rows))
     written.append(report)
     return written
 
