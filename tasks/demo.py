@@ -12,7 +12,8 @@ way, other backbones):
 
 then ``leaderboard`` over every run. Each step runs in its own process, so one run's memory is
 returned before the next starts; its output goes to ``<run>/demo-<step>.log`` and a Rich progress
-display shows where the job is. Running it again redoes only what is missing or unfinished.
+display shows where the job is. Running it again resumes each unfinished fit (a finished one
+returns in seconds) and runs test and export again.
 """
 
 from __future__ import annotations
