@@ -10,22 +10,29 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+# Read once: reading the umask means setting it, and a process-wide umask of 0, even for an
+# instant, would let another thread create world-writable files.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``; rename it to ``path`` if it returns."""
+def write_atomically(path: Path, write: Callable[[Path], T]) -> T:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``; if it returns, rename ``tmp`` to
+    ``path`` and return what ``write`` returned. If it raises, ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        result = write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+        return result
     finally:
         tmp.unlink(missing_ok=True)
 

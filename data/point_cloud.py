@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data.atomic_write import write_atomically
 from data.base import BaseDataModule
 from data.errors import (
     DatasetNotFoundError,
@@ -267,10 +268,12 @@ def write_point_file(path: Path, coord: np.ndarray, colour: np.ndarray) -> None:
 
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(coord.astype(np.float64)))
     cloud.colors = o3d.utility.Vector3dVector(np.clip(colour, 0, 1).astype(np.float64))
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    if not o3d.io.write_point_cloud(str(tmp), cloud):
-        raise UnreadableFileError(path, "open3d could not write the point cloud")
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        if not o3d.io.write_point_cloud(str(tmp), cloud):
+            raise UnreadableFileError(path, "open3d could not write the point cloud")
+
+    write_atomically(path, write)
 
 
 # -- scenes ----------------------------------------------------------------------------------------
@@ -573,6 +576,4 @@ class PointCloudDataModule(BaseDataModule, ABC):
                 raise ShapeMismatchError(path, f"{len(part)} predictions for {len(coord)} points")
             path.parent.mkdir(parents=True, exist_ok=True)
             write_point_file(path, coord, palette[part].numpy())
-            tmp = path.with_name(f".{path.stem}.labels.tmp")
-            np.savetxt(tmp, part.numpy(), fmt="%d")
-            tmp.replace(path.with_suffix(".labels"))
+            write_atomically(path.with_suffix(".labels"), lambda tmp: np.savetxt(tmp, part.numpy(), fmt="%d"))

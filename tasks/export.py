@@ -42,11 +42,9 @@ def export_onnx(task: BaseTask, output: str | Path, opset: int = 20) -> float:
             axis: dims.setdefault(label, torch.export.Dim(label, min=minimum[label]) if label in minimum else torch.export.Dim(label))
             for axis, label in axes.items()
         }
-    max_diff = float("nan")
 
-    def write_checked(tmp: Path) -> None:
+    def write_checked(tmp: Path) -> float:
         """Export to ``tmp`` and check it; an exception here leaves ``output`` untouched."""
-        nonlocal max_diff
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
@@ -65,9 +63,9 @@ def export_onnx(task: BaseTask, output: str | Path, opset: int = 20) -> float:
         max_diff = compare_with_onnxruntime(module, tmp, task.check_input(), list(task.input_names))
         if not max_diff <= task.export_atol:
             raise ExportError(f"{output}: onnxruntime differs from PyTorch by {max_diff:.3g} > {task.export_atol:g}")
+        return max_diff
 
-    write_atomically(output, write_checked)
-    return max_diff
+    return write_atomically(output, write_checked)
 
 
 def compare_with_onnxruntime(module: torch.nn.Module, path: Path, inputs: tuple, names: list[str]) -> float:
