@@ -126,6 +126,15 @@ class SuiteCLI(LightningCLI):
         if "weights_only" in config and config.get("weights_only") is None:
             config.weights_only = True  # Lightning's own restore: tensors and plain values only
         self._resumes = subcommand == "fit" and config.get("ckpt_path") is not None
+        self._model_options = model_options(sys.argv[1:] if args is None else args)
+
+    def before_instantiate_classes(self) -> None:
+        """Lightning replaces the model's arguments with those stored in ``--ckpt_path``'s checkpoint
+        (it knows the architecture that was trained); ``--model`` options given on the command line
+        win again over them, so ``test --ckpt_path best --model.test_votes 0`` does what it says."""
+        subcommand = self.config.get("subcommand")
+        if subcommand and self._model_options and self.config[subcommand].get("ckpt_path"):
+            self.config = self.parser.parse_args([subcommand, *self._model_options], namespace=self.config)
 
     @staticmethod
     def _run_dir(config) -> Path:
@@ -169,6 +178,18 @@ class SuiteCLI(LightningCLI):
                 f"{folder}: holds checkpoints of an earlier run; resume with --ckpt_path last, "
                 "or start afresh with another --trainer.default_root_dir"
             )
+
+
+def model_options(args) -> list[str]:
+    """The ``--model...`` options (with their values) of a command line; [] for a dict or Namespace."""
+    if not isinstance(args, (list, tuple)):
+        return []
+    chosen, tokens = [], list(args)
+    for i, token in enumerate(tokens):
+        name = token.split("=", 1)[0]
+        if name == "--model" or name.startswith("--model."):
+            chosen += [token] if "=" in token else tokens[i : i + 2]
+    return chosen
 
 
 def leaderboard(argv: list[str]) -> None:

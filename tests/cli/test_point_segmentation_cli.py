@@ -54,6 +54,25 @@ def test_test_votes_over_samplings_and_reports_every_class_iou(trained_run, caps
     assert list(trained_run.glob("lightning_logs/version_*/examples/test_examples_epoch*.png"))
 
 
+def test_model_options_on_the_command_line_win_over_the_checkpoints(trained_run, tmp_path):
+    """Lightning puts the checkpoint's stored arguments over the config; options typed on the
+    command line must still win (here test-time voting), and the rest still come from the checkpoint."""
+    import yaml
+
+    checkpoint = str(trained_run / "checkpoints" / "last.ckpt")
+    stored = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+    assert stored["test_votes"] == 2 and stored["label_smoothing"] == 0.0
+    other_config = tmp_path / "other.yaml"  # a config file's value loses to the checkpoint's
+    other_config.write_text("model:\n  init_args:\n    label_smoothing: 0.3\n    test_votes: 3\n")
+    run = tmp_path / "retest"
+    args = ["--config", CONFIG, "--config", str(other_config), "--trainer.default_root_dir", str(run), "--ckpt_path", checkpoint]
+    assert cli("test", *args, "--model.init_args.test_votes", "1", "--model.test_rotations=[0.0, 1.0]") == 0
+    (saved,) = run.glob("lightning_logs/version_0/config.yaml")
+    used = yaml.safe_load(saved.read_text())["model"]["init_args"]
+    assert used["test_votes"] == 1 and used["test_rotations"] == [0.0, 1.0]
+    assert used["label_smoothing"] == 0.0
+
+
 def test_export_takes_precomputed_indices_and_any_number_of_points(trained_run, tmp_path, capsys):
     onnx_path = tmp_path / "condaformer.onnx"
     assert cli("export", *_common(trained_run), "--ckpt_path", "best", "--output", str(onnx_path)) == 0
