@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import yaml
 
 from lightning_app import main
 from tests.conftest import REPO
@@ -57,8 +58,6 @@ def test_test_votes_over_samplings_and_reports_every_class_iou(trained_run, caps
 def test_model_options_on_the_command_line_win_over_the_checkpoints(trained_run, tmp_path):
     """Lightning puts the checkpoint's stored arguments over the config; options typed on the
     command line must still win (here test-time voting), and the rest still come from the checkpoint."""
-    import yaml
-
     checkpoint = str(trained_run / "checkpoints" / "last.ckpt")
     stored = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
     assert stored["test_votes"] == 2 and stored["label_smoothing"] == 0.0
