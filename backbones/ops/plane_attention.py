@@ -263,12 +263,14 @@ def _attend_windows(table: torch.Tensor, num_tokens: int, padded: tuple, rpe: tu
     index = torch.where(table < 0, torch.full_like(table, num_tokens), table)  # (W, L)
     windows, length = table.shape
     qw, kw, vw = (x[:, index] for x in (q_pad, k_pad, v_pad))  # (h, W, L, d)
-    pos = quant_pad[index].transpose(1, 2)  # (W, 3, L)
-    shifted = pos + axis_offset[:, None]
+    by_token = quant_pad[index]  # (W, L, 3)
+    pos = by_token.transpose(1, 2).contiguous()  # (W, 3, L)
     # rel[w, i, a, j]: the column of u_ia - u_ja (key j seen from query i, axis a); rel_t[w, j, a, i]
-    # the column of the same offset looked up from key j (the key term's projection)
-    rel = (shifted.transpose(1, 2)[:, :, :, None] - pos[:, None, :, :]).reshape(1, windows, length, 3 * length)
-    rel_t = (shifted[:, None, :, :] - pos.transpose(1, 2)[:, :, :, None]).reshape(1, windows, length, 3 * length)
+    # the column of the same offset looked up from key j (the key term's projection). The operands
+    # are laid out so that each difference comes out contiguous as (W, L, 3, L), and the reshape
+    # below is a view, not a copy of these, the largest integer tensors of the layer.
+    rel = ((by_token + axis_offset)[:, :, :, None] - pos[:, None, :, :]).reshape(1, windows, length, 3 * length)
+    rel_t = ((pos + axis_offset[:, None])[:, None, :, :] - by_token[:, :, :, None]).reshape(1, windows, length, 3 * length)
     rel, rel_t = rel.expand(heads, -1, -1, -1), rel_t.expand(heads, -1, -1, -1)
 
     def position_term(x, table_rpe, lookup):
